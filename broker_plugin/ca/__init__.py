@@ -1,0 +1,1 @@
+"""Certificate authority: policy, profiles, issuance, signers, CRLs."""

@@ -1,0 +1,1 @@
+"""Registry stores: one interface, SQLite (embedded default) and PostgreSQL."""

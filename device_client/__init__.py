@@ -1,0 +1,1 @@
+"""certmq device library: keys, CSRs, provisioning, certificate store, renewal agent."""

@@ -1,0 +1,1 @@
+"""SoftHSM2 token fixture (token created by the tests)."""
