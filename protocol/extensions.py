@@ -24,8 +24,10 @@ and size limits so a hostile certificate cannot make a device allocate much.
 Decoding errors raise :class:`protocol.errors.DecodeError`; encoding values
 that cannot be represented raises :class:`protocol.errors.LocalProtocolError`.
 
-Strings (capabilities, region) must be usable as one MQTT topic level: not
-empty, no ``/``, ``+``, ``#``, NUL or other control characters, at most
+Strings (capabilities, region) must be usable as one MQTT topic level, by the
+same rules as ``protocol.topics`` identifiers: not empty, no ``/``, ``+``,
+``#``, no control character (C0, DEL, C1), no Unicode non-character or lone
+surrogate, no leading ``$``, no leading or trailing whitespace, at most
 :data:`MAX_STRING_BYTES` bytes of UTF-8.
 """
 
@@ -115,8 +117,16 @@ def check_topic_segment(value: str, what: str = "segment") -> str:
 def _segment_problem(value: str) -> str | None:
     if not value:
         return "must not be empty"
-    if any(c in _FORBIDDEN_IN_SEGMENT or ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-        return "must not contain '/', '+', '#' or control characters"
+    for c in value:
+        code = ord(c)
+        if c in _FORBIDDEN_IN_SEGMENT or code < 0x20 or 0x7F <= code <= 0x9F:
+            return "must not contain '/', '+', '#' or control characters"
+        if 0xFDD0 <= code <= 0xFDEF or (code & 0xFFFE) == 0xFFFE:
+            return f"must not contain the Unicode non-character U+{code:04X}"
+    if value[0] == "$":
+        return "must not start with '$' (reserved for broker topics)"
+    if value[0].isspace() or value[-1].isspace():
+        return "must not start or end with whitespace"
     try:
         size = len(value.encode("utf-8"))
     except UnicodeEncodeError:  # lone surrogates

@@ -66,7 +66,7 @@ def test_long_form_length_for_a_long_sequence() -> None:
 
 
 segment = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="/+#"),
+    alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Cn", "Zs", "Zl", "Zp"), blacklist_characters="/+#$\ufffe\uffff"),
     min_size=1,
     max_size=16,
 )
@@ -134,6 +134,10 @@ BAD_DER = {
         ("0c 02 65 75 00", "trailing"),
         ("0c 03 ed a0 80", "UTF-8"),  # an encoded surrogate
         ("0c 01 00", "control"),
+        ("0c 02 c2 85", "control"),  # U+0085, a C1 control
+        ("0c 04 24 53 59 53", "'$'"),
+        ("0c 02 20 61", "whitespace"),
+        ("0c 03 ef bf bf", "non-character"),  # U+FFFF
     ],
 }
 DECODERS = {
