@@ -1,0 +1,863 @@
+"""The CA registry: its values, its errors, and the one interface both backends implement.
+
+:class:`Registry` holds every operation once, written against a tiny transaction interface
+(:class:`Tx`: ``execute`` / ``fetch`` / ``fetchrow`` with ``$1`` placeholders); the SQLite and
+PostgreSQL modules only open connections, run migrations and adapt that interface. Each
+operation that must keep an invariant is exactly one transaction, and every mutation appends its
+audit entry inside that same transaction, so registry, status lists and audit trail never
+disagree after a crash.
+
+This module knows SQL but no driver: it must not import sqlite3 or asyncpg.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime as dt
+import enum
+import json
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple, Protocol
+from urllib.parse import urlsplit
+
+from protocol.codes import ErrorCode, RevocationReason
+from protocol.errors import CertmqError
+
+from . import audit as _audit
+from .audit import AuditEntry, AuditEvent
+
+__all__ = [
+    "CertificateKind",
+    "CertificateRecord",
+    "CertificateStatus",
+    "ClaimRecord",
+    "ClaimRefused",
+    "ClaimSpend",
+    "ClaimUse",
+    "DuplicateSerial",
+    "RegistryError",
+    "Registry",
+    "RequestIdReused",
+    "RequestKey",
+    "RevokedEntry",
+    "SchemaTooNew",
+    "StatusDelta",
+    "StatusListSnapshot",
+    "TenantRecord",
+    "Tx",
+    "UnknownCertificate",
+    "UnknownClaim",
+    "open_registry",
+]
+
+SERIAL_BITS = 160  #: RFC 5280: at most 20 octets
+
+
+# ---------------------------------------------------------------- errors
+
+
+class RegistryError(CertmqError):
+    """Base of the registry's own errors. ``code`` is the wire code a service would reply with."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+
+class RequestIdReused(RegistryError):
+    """The request key is already bound to a *different* request (other fingerprint)."""
+
+    code = ErrorCode.REQUEST_ID_REUSED
+
+
+class DuplicateSerial(RegistryError):
+    """A certificate with this (tenant, serial) is already stored."""
+
+
+class UnknownCertificate(RegistryError):
+    """No certificate with that serial in that tenant."""
+
+    code = ErrorCode.UNKNOWN_CERTIFICATE
+
+
+class UnknownClaim(RegistryError):
+    """No claim credential with that id in that tenant."""
+
+    code = ErrorCode.CLAIM_REFUSED
+
+
+class ClaimRefused(RegistryError):
+    """The claim credential has no uses left."""
+
+    code = ErrorCode.CLAIM_REFUSED
+
+
+class SchemaTooNew(RegistryError):
+    """The database was written by a newer certmq (higher schema version than this code knows)."""
+
+
+# ---------------------------------------------------------------- values
+
+
+class CertificateStatus(enum.StrEnum):
+    ACTIVE = "active"
+    REVOKED = "revoked"
+
+
+class CertificateKind(enum.StrEnum):
+    OPERATIONAL = "operational"
+    BOOTSTRAP = "bootstrap"
+    FACTORY = "factory"
+
+
+def _aware(value: dt.datetime | None, name: str, *, optional: bool = False) -> dt.datetime | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, dt.datetime) or value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be an aware datetime, got {value!r}")
+    return value.astimezone(dt.UTC)
+
+
+def to_epoch(value: dt.datetime) -> int:
+    """Aware datetime -> integer epoch seconds (the stored form)."""
+    checked = _aware(value, "time")
+    assert checked is not None
+    return int(checked.timestamp())
+
+
+def from_epoch(value: int | None) -> dt.datetime | None:
+    return None if value is None else dt.datetime.fromtimestamp(int(value), dt.UTC)
+
+
+def serial_hex(serial: int) -> str:
+    """Stored form of a serial: fixed-width lowercase hex, so text order is numeric order."""
+    if isinstance(serial, bool) or not isinstance(serial, int) or not 0 < serial < 1 << SERIAL_BITS:
+        raise ValueError(f"serial must be an int in 1..2**{SERIAL_BITS}-1, got {serial!r}")
+    return f"{serial:0{SERIAL_BITS // 4}x}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CertificateRecord:
+    """A certificate as the registry keeps it. Times are aware UTC datetimes (stored to the second)."""
+
+    tenant: str
+    serial: int
+    device_id: str
+    profile: str
+    region: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    der: bytes
+    spki_sha256: bytes
+    issued_at: dt.datetime
+    status_list_id: int | None = None
+    status_index: int | None = None
+    kind: CertificateKind = CertificateKind.OPERATIONAL
+    replaced_serial: int | None = None
+    status: CertificateStatus = CertificateStatus.ACTIVE
+    revoked_at: dt.datetime | None = None
+    revocation_reason: int | None = None
+
+    def __post_init__(self) -> None:
+        serial_hex(self.serial)
+        if self.replaced_serial is not None:
+            serial_hex(self.replaced_serial)
+        for name in ("tenant", "device_id", "profile", "region"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string")
+        for name in ("not_before", "not_after", "issued_at"):
+            object.__setattr__(self, name, _aware(getattr(self, name), name))
+        object.__setattr__(self, "revoked_at", _aware(self.revoked_at, "revoked_at", optional=True))
+        if self.not_after < self.not_before:
+            raise ValueError("not_after is before not_before")
+        if not isinstance(self.der, bytes) or not self.der:
+            raise ValueError("der must be non-empty bytes")
+        if not isinstance(self.spki_sha256, bytes) or len(self.spki_sha256) != 32:
+            raise ValueError("spki_sha256 must be 32 bytes")
+        if (self.status_list_id is None) != (self.status_index is None):
+            raise ValueError("status_list_id and status_index go together")
+        if self.status_index is not None and (self.status_index < 0 or self.status_list_id < 0):  # type: ignore[operator]
+            raise ValueError("status list id and index must be >= 0")
+        object.__setattr__(self, "kind", CertificateKind(self.kind))
+        object.__setattr__(self, "status", CertificateStatus(self.status))
+        if self.revocation_reason is not None:
+            RevocationReason(self.revocation_reason)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequestKey:
+    """Idempotency key of an issuance: (tenant of the record, identity, 16-byte request id).
+
+    ``fingerprint`` identifies the request's content (e.g. a hash of the CSR and parameters).
+    """
+
+    identity: str
+    request_id: bytes
+    fingerprint: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.request_id, bytes) or len(self.request_id) != 16:
+            raise ValueError("request_id must be 16 bytes")
+        if not isinstance(self.fingerprint, bytes) or not self.fingerprint:
+            raise ValueError("fingerprint must be non-empty bytes")
+        if not isinstance(self.identity, str) or not self.identity:
+            raise ValueError("identity must be a non-empty string")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClaimSpend:
+    """Spend one use of a claim credential as part of :meth:`Registry.commit_issuance`."""
+
+    claim_id: str
+    max_uses: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class TenantRecord:
+    name: str
+    config: Mapping[str, Any]
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClaimRecord:
+    tenant: str
+    claim_id: str
+    policy: Mapping[str, Any]
+    uses: int
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClaimUse:
+    tenant: str
+    claim_id: str
+    use_no: int
+    device_id: str
+    serial: int
+    at: dt.datetime
+
+
+class StatusListSnapshot(NamedTuple):
+    """A status list's bits, consistent with the region feed at ``sequence``."""
+
+    size: int
+    sequence: int
+    bits: bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatusDelta:
+    tenant: str
+    region: str
+    list_id: int
+    from_seq: int
+    to_seq: int
+    indices: tuple[int, ...]
+    reason: int
+    at: dt.datetime
+
+
+class RevokedEntry(NamedTuple):
+    serial: int
+    revoked_at: dt.datetime
+    reason: int
+
+
+# ---------------------------------------------------------------- the interface
+
+
+class Tx(Protocol):
+    """What a backend hands the shared code: one open transaction. SQL uses ``$1`` placeholders;
+    ``FOR UPDATE`` marks row locks (SQLite drops it: its write transaction already excludes others).
+    Rows support ``row["column"]``."""
+
+    async def execute(self, sql: str, *args: Any) -> None: ...
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]: ...
+
+    async def fetchrow(self, sql: str, *args: Any) -> Any | None: ...
+
+
+_CERT_COLS = (
+    "tenant, serial, device_id, profile, region, status, not_before, not_after, der, spki_sha256, "
+    "status_list_id, status_index, issued_at, revoked_at, revocation_reason, kind, replaced_serial"
+)
+
+
+def _cert(row: Any) -> CertificateRecord:
+    return CertificateRecord(
+        tenant=row["tenant"],
+        serial=int(row["serial"], 16),
+        device_id=row["device_id"],
+        profile=row["profile"],
+        region=row["region"],
+        status=CertificateStatus(row["status"]),
+        not_before=from_epoch(row["not_before"]),  # type: ignore[arg-type]
+        not_after=from_epoch(row["not_after"]),  # type: ignore[arg-type]
+        der=bytes(row["der"]),
+        spki_sha256=bytes(row["spki_sha256"]),
+        status_list_id=row["status_list_id"],
+        status_index=row["status_index"],
+        issued_at=from_epoch(row["issued_at"]),  # type: ignore[arg-type]
+        revoked_at=from_epoch(row["revoked_at"]),
+        revocation_reason=row["revocation_reason"],
+        kind=CertificateKind(row["kind"]),
+        replaced_serial=None if row["replaced_serial"] is None else int(row["replaced_serial"], 16),
+    )
+
+
+def _entry(row: Any) -> AuditEntry:
+    return AuditEntry(
+        seq=int(row["seq"]),
+        time=from_epoch(row["time"]),  # type: ignore[arg-type]
+        tenant=row["tenant"],
+        kind=row["kind"],
+        actor=row["actor"],
+        subject=row["subject"],
+        details=json.loads(row["details"]),
+        prev_hash=bytes(row["prev_hash"]),
+        hash=bytes(row["hash"]),
+    )
+
+
+def _set_bit(bits: bytearray, index: int) -> None:
+    # Status list bit order: bit i is byte i // 8, most significant bit first.
+    bits[index // 8] |= 0x80 >> (index % 8)
+
+
+def _json_obj(value: Mapping[str, Any], name: str) -> str:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name} must be a mapping")
+    return _audit.canonical_json(dict(value))
+
+
+class Registry(abc.ABC):
+    """The CA's state: certificates, idempotency keys, status lists, claims, CRL numbers, audit.
+
+    Obtain one with :func:`open_registry`; close it with :meth:`close` (or ``async with``).
+    All methods are coroutines; none blocks the event loop.
+    """
+
+    dialect: str
+
+    # -- backend hooks
+
+    @abc.abstractmethod
+    def _transaction(self, *, write: bool) -> AbstractAsyncContextManager[Tx]:
+        """One transaction: committed when the block ends normally, rolled back on any exception."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections and threads. Idempotent."""
+
+    async def __aenter__(self) -> Registry:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- audit
+
+    async def _append_audit(self, tx: Tx, event: AuditEvent) -> AuditEntry:
+        # The head row is the chain's lock: one appender at a time, and each sees the last hash.
+        head = await tx.fetchrow("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+        if head is None:
+            raise RegistryError("audit head row missing: database not initialised by certmq")
+        entry = _audit.seal(event, seq=int(head["seq"]) + 1, prev_hash=bytes(head["hash"]))
+        await tx.execute(
+            "INSERT INTO audit_log (seq, time, tenant, kind, actor, subject, details, prev_hash, hash) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            entry.seq, to_epoch(entry.time), entry.tenant, entry.kind, entry.actor, entry.subject,
+            _audit.canonical_json(entry.details), entry.prev_hash, entry.hash,
+        )
+        await tx.execute("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1", entry.seq, entry.hash)
+        return entry
+
+    async def audit_refusal(self, event: AuditEvent) -> AuditEntry:
+        """Append a refusal (or any other event that changes no state) to the audit trail."""
+        async with self._transaction(write=True) as tx:
+            return await self._append_audit(tx, event)
+
+    async def audit_entries(self, since_seq: int = 0, *, page: int = 500) -> AsyncIterator[AuditEntry]:
+        """Yield audit entries with ``seq > since_seq`` in ascending order (paged reads)."""
+        last = since_seq
+        while True:
+            async with self._transaction(write=False) as tx:
+                rows = await tx.fetch(
+                    "SELECT * FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2", last, page
+                )
+            for row in rows:
+                yield _entry(row)
+            if len(rows) < page:
+                return
+            last = int(rows[-1]["seq"])
+
+    async def audit_head(self) -> tuple[int, bytes]:
+        """``(seq, hash)`` of the last audit entry (``(0, 32 zero bytes)`` when empty)."""
+        async with self._transaction(write=False) as tx:
+            row = await tx.fetchrow("SELECT seq, hash FROM audit_head WHERE id = 1")
+        return int(row["seq"]), bytes(row["hash"])
+
+    async def verify_audit(self) -> _audit.VerifyResult:
+        """Verify the whole stored chain against the recorded head (catches truncation too)."""
+        head = await self.audit_head()
+        entries = [e async for e in self.audit_entries()]
+        return _audit.verify_chain(entries, expected_head=head)
+
+    # -- issuance
+
+    async def find_request(
+        self, tenant: str, identity: str, request_id: bytes
+    ) -> tuple[bytes, CertificateRecord] | None:
+        """``(fingerprint, certificate)`` already issued for this request key, or None."""
+        async with self._transaction(write=False) as tx:
+            return await self._find_request(tx, tenant, identity, request_id)
+
+    async def _find_request(
+        self, tx: Tx, tenant: str, identity: str, request_id: bytes
+    ) -> tuple[bytes, CertificateRecord] | None:
+        row = await tx.fetchrow(
+            "SELECT fingerprint, serial FROM requests WHERE tenant = $1 AND identity = $2 AND request_id = $3",
+            tenant, identity, bytes(request_id),
+        )
+        if row is None:
+            return None
+        cert = await tx.fetchrow(
+            f"SELECT {_CERT_COLS} FROM certificates WHERE tenant = $1 AND serial = $2", tenant, row["serial"]
+        )
+        if cert is None:
+            raise RegistryError(f"request row points at missing certificate {row['serial']}")
+        return bytes(row["fingerprint"]), _cert(cert)
+
+    async def commit_issuance(
+        self,
+        record: CertificateRecord,
+        *,
+        request: RequestKey | None,
+        audit: AuditEvent,
+        claim: ClaimSpend | None = None,
+    ) -> CertificateRecord:
+        """Store a signed certificate, its request key and its audit entry in one transaction.
+
+        If ``request`` was already committed with the same fingerprint, nothing is written and the
+        EXISTING certificate is returned: the caller must send that one, not the new one. A
+        different fingerprint raises :class:`RequestIdReused`. With ``claim``, one use of that
+        claim credential is spent in the same transaction (:class:`ClaimRefused` when none is left).
+        Compare ``result.serial == record.serial`` to tell a fresh commit from a replay.
+        """
+        if not isinstance(record, CertificateRecord):
+            raise TypeError("record must be a CertificateRecord")
+        if record.status is not CertificateStatus.ACTIVE:
+            raise ValueError("a newly issued certificate must be active")
+        serial = serial_hex(record.serial)
+        async with self._transaction(write=True) as tx:
+            if request is not None:
+                # Insert the key first: a concurrent commit of the same key waits here (PG) and
+                # then finds the winner's row instead of issuing a second certificate.
+                won = await tx.fetchrow(
+                    "INSERT INTO requests (tenant, identity, request_id, serial, fingerprint, created_at) "
+                    "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING serial",
+                    record.tenant, request.identity, request.request_id, serial, request.fingerprint,
+                    to_epoch(record.issued_at),
+                )
+                if won is None:
+                    found = await self._find_request(tx, record.tenant, request.identity, request.request_id)
+                    assert found is not None
+                    if found[0] != request.fingerprint:
+                        raise RequestIdReused(
+                            f"request id {request.request_id.hex()} of {request.identity!r} was already used "
+                            "for a different request"
+                        )
+                    return found[1]
+            clash = await tx.fetchrow(
+                "INSERT INTO certificates (" + _CERT_COLS + ") VALUES "
+                "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) "
+                "ON CONFLICT DO NOTHING RETURNING serial",
+                record.tenant, serial, record.device_id, record.profile, record.region, str(record.status),
+                to_epoch(record.not_before), to_epoch(record.not_after), record.der, record.spki_sha256,
+                record.status_list_id, record.status_index, to_epoch(record.issued_at), None, None,
+                str(record.kind), None if record.replaced_serial is None else serial_hex(record.replaced_serial),
+            )
+            if clash is None:
+                raise DuplicateSerial(
+                    f"tenant {record.tenant!r} already has serial {serial} or status slot "
+                    f"{record.region}/{record.status_list_id}/{record.status_index}"
+                )
+            if claim is not None:
+                await self._spend_claim(tx, record.tenant, claim.claim_id, record.device_id, serial,
+                                        to_epoch(record.issued_at), claim.max_uses)
+            await self._append_audit(tx, audit)
+        return record
+
+    async def get_certificate(self, tenant: str, serial: int) -> CertificateRecord | None:
+        async with self._transaction(write=False) as tx:
+            row = await tx.fetchrow(
+                f"SELECT {_CERT_COLS} FROM certificates WHERE tenant = $1 AND serial = $2", tenant, serial_hex(serial)
+            )
+        return None if row is None else _cert(row)
+
+    async def certificates_for_device(
+        self, tenant: str, device_id: str, *, profile: str | None = None, active_only: bool = False
+    ) -> list[CertificateRecord]:
+        """A device's certificates, oldest issuance first."""
+        sql = f"SELECT {_CERT_COLS} FROM certificates WHERE tenant = $1 AND device_id = $2"
+        args: list[Any] = [tenant, device_id]
+        if profile is not None:
+            args.append(profile)
+            sql += f" AND profile = ${len(args)}"
+        if active_only:
+            sql += " AND status = 'active'"
+        async with self._transaction(write=False) as tx:
+            rows = await tx.fetch(sql + " ORDER BY issued_at, serial", *args)
+        return [_cert(r) for r in rows]
+
+    async def expiring(self, tenant: str, before: dt.datetime) -> list[CertificateRecord]:
+        """Active certificates whose ``not_after`` is before ``before``, soonest first."""
+        async with self._transaction(write=False) as tx:
+            rows = await tx.fetch(
+                f"SELECT {_CERT_COLS} FROM certificates WHERE tenant = $1 AND status = 'active' "
+                "AND not_after < $2 ORDER BY not_after, serial", tenant, to_epoch(before),
+            )
+        return [_cert(r) for r in rows]
+
+    async def count_by_status(self, tenant: str) -> dict[str, int]:
+        """``{"active": n, "revoked": m}`` (both keys always present)."""
+        async with self._transaction(write=False) as tx:
+            rows = await tx.fetch(
+                "SELECT status, COUNT(*) AS n FROM certificates WHERE tenant = $1 GROUP BY status", tenant
+            )
+        counts = {s.value: 0 for s in CertificateStatus}
+        counts.update({r["status"]: int(r["n"]) for r in rows})
+        return counts
+
+    # -- status lists
+
+    async def allocate_status_index(self, tenant: str, region: str, capacity: int) -> tuple[int, int]:
+        """Reserve the next free ``(list_id, index)`` of the region's current status list.
+
+        A full list rolls over to ``list_id + 1`` (created with ``capacity`` bits). Lists start
+        at id 1. Not audited: a reservation changes no certificate's state.
+        """
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
+            raise ValueError("capacity must be a positive int")
+        async with self._transaction(write=True) as tx:
+            feed = await self._lock_feed(tx, tenant, region)
+            list_id = int(feed["current_list_id"])
+            lst = await tx.fetchrow(
+                "SELECT capacity, next_index FROM status_lists WHERE tenant = $1 AND region = $2 AND list_id = $3 "
+                "FOR UPDATE", tenant, region, list_id,
+            )
+            if lst is not None and int(lst["next_index"]) >= int(lst["capacity"]):
+                list_id += 1
+                lst = None
+                await tx.execute(
+                    "UPDATE status_feeds SET current_list_id = $3 WHERE tenant = $1 AND region = $2",
+                    tenant, region, list_id,
+                )
+            if lst is None:
+                await tx.execute(
+                    "INSERT INTO status_lists (tenant, region, list_id, capacity, next_index, sequence, bits) "
+                    "VALUES ($1, $2, $3, $4, 0, $5, $6)",
+                    tenant, region, list_id, capacity, int(feed["sequence"]), bytes((capacity + 7) // 8),
+                )
+                index = 0
+            else:
+                index = int(lst["next_index"])
+            await tx.execute(
+                "UPDATE status_lists SET next_index = $4 WHERE tenant = $1 AND region = $2 AND list_id = $3",
+                tenant, region, list_id, index + 1,
+            )
+        return list_id, index
+
+    async def _lock_feed(self, tx: Tx, tenant: str, region: str) -> Any:
+        sql = "SELECT sequence, current_list_id FROM status_feeds WHERE tenant = $1 AND region = $2 FOR UPDATE"
+        feed = await tx.fetchrow(sql, tenant, region)
+        if feed is None:
+            await tx.execute(
+                "INSERT INTO status_feeds (tenant, region, sequence, current_list_id) VALUES ($1, $2, 0, 1) "
+                "ON CONFLICT DO NOTHING", tenant, region,
+            )
+            feed = await tx.fetchrow(sql, tenant, region)
+        return feed
+
+    async def status_list(self, tenant: str, region: str, list_id: int) -> StatusListSnapshot | None:
+        """The list's size, the region feed's sequence it is consistent with, and its bits."""
+        async with self._transaction(write=False) as tx:
+            row = await tx.fetchrow(
+                "SELECT l.capacity, l.bits, f.sequence FROM status_lists l JOIN status_feeds f "
+                "ON f.tenant = l.tenant AND f.region = l.region "
+                "WHERE l.tenant = $1 AND l.region = $2 AND l.list_id = $3", tenant, region, list_id,
+            )
+        if row is None:
+            return None
+        return StatusListSnapshot(int(row["capacity"]), int(row["sequence"]), bytes(row["bits"]))
+
+    async def deltas_since(self, tenant: str, region: str, sequence: int) -> list[StatusDelta]:
+        """Deltas of the region feed with ``from_seq >= sequence``, in order."""
+        async with self._transaction(write=False) as tx:
+            rows = await tx.fetch(
+                "SELECT * FROM status_deltas WHERE tenant = $1 AND region = $2 AND from_seq >= $3 ORDER BY from_seq",
+                tenant, region, sequence,
+            )
+        return [
+            StatusDelta(
+                tenant=r["tenant"], region=r["region"], list_id=int(r["list_id"]), from_seq=int(r["from_seq"]),
+                to_seq=int(r["to_seq"]), indices=tuple(json.loads(r["indices"])), reason=int(r["reason"]),
+                at=from_epoch(r["at"]),  # type: ignore[arg-type]
+            )
+            for r in rows
+        ]
+
+    # -- revocation
+
+    async def revoke(
+        self,
+        tenant: str,
+        *,
+        serial: int | None = None,
+        device_id: str | None = None,
+        profile: str | None = None,
+        reason: int,
+        at: dt.datetime,
+        audit: AuditEvent,
+    ) -> list[CertificateRecord]:
+        """Revoke the active certificates picked by exactly one selector; return those newly revoked.
+
+        Status bits, the region feed sequence (+1 per touched list), the deltas and the audit entry
+        (its details gain ``revoked_serials``) are written in the same transaction. An unknown
+        ``serial`` raises :class:`UnknownCertificate`; already revoked certificates are left alone.
+        """
+        chosen = [(n, v) for n, v in (("serial", serial), ("device_id", device_id), ("profile", profile)) if v is not None]
+        if len(chosen) != 1:
+            raise ValueError("revoke needs exactly one of serial, device_id, profile")
+        reason = int(RevocationReason(reason))
+        epoch = to_epoch(at)
+        column, value = chosen[0]
+        if column == "serial":
+            value = serial_hex(value)  # type: ignore[arg-type]
+        async with self._transaction(write=True) as tx:
+            rows = await tx.fetch(
+                f"SELECT {_CERT_COLS} FROM certificates WHERE tenant = $1 AND {column} = $2 AND status = 'active' "
+                "ORDER BY serial FOR UPDATE", tenant, value,
+            )
+            if not rows and column == "serial":
+                exists = await tx.fetchrow(
+                    "SELECT 1 AS x FROM certificates WHERE tenant = $1 AND serial = $2", tenant, value
+                )
+                if exists is None:
+                    raise UnknownCertificate(f"tenant {tenant!r} has no certificate {value}")
+            revoked = [
+                replace(_cert(r), status=CertificateStatus.REVOKED, revoked_at=from_epoch(epoch), revocation_reason=reason)
+                for r in rows
+            ]
+            for rec in revoked:
+                await tx.execute(
+                    "UPDATE certificates SET status = 'revoked', revoked_at = $3, revocation_reason = $4 "
+                    "WHERE tenant = $1 AND serial = $2", tenant, serial_hex(rec.serial), epoch, reason,
+                )
+            groups: dict[str, dict[int, list[int]]] = {}
+            for rec in revoked:
+                if rec.status_list_id is not None:
+                    groups.setdefault(rec.region, {}).setdefault(rec.status_list_id, []).append(rec.status_index)  # type: ignore[arg-type]
+            for region in sorted(groups):
+                seq = int((await self._lock_feed(tx, tenant, region))["sequence"])
+                for list_id in sorted(groups[region]):
+                    indices = sorted(groups[region][list_id])
+                    lst = await tx.fetchrow(
+                        "SELECT capacity, bits FROM status_lists WHERE tenant = $1 AND region = $2 AND list_id = $3 "
+                        "FOR UPDATE", tenant, region, list_id,
+                    )
+                    if lst is None:
+                        raise RegistryError(f"status list {tenant}/{region}/{list_id} does not exist")
+                    bits = bytearray(lst["bits"])
+                    for i in indices:
+                        if not 0 <= i < int(lst["capacity"]):
+                            raise RegistryError(f"status index {i} outside list {region}/{list_id}")
+                        _set_bit(bits, i)
+                    await tx.execute(
+                        "UPDATE status_lists SET bits = $4, sequence = $5 WHERE tenant = $1 AND region = $2 "
+                        "AND list_id = $3", tenant, region, list_id, bytes(bits), seq + 1,
+                    )
+                    await tx.execute(
+                        "INSERT INTO status_deltas (tenant, region, list_id, from_seq, to_seq, indices, reason, at) "
+                        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                        tenant, region, list_id, seq, seq + 1, json.dumps(indices), reason, epoch,
+                    )
+                    seq += 1
+                await tx.execute(
+                    "UPDATE status_feeds SET sequence = $3 WHERE tenant = $1 AND region = $2", tenant, region, seq
+                )
+            details = {**audit.details, "revoked_serials": [serial_hex(r.serial) for r in revoked]}
+            await self._append_audit(tx, replace(audit, details=details))
+        return revoked
+
+    async def revoked_for_crl(
+        self, tenant: str, *, region: str | None = None, since: dt.datetime | None = None
+    ) -> list[RevokedEntry]:
+        """Revoked certificates (optionally of one region / revoked at or after ``since``), by serial."""
+        sql = "SELECT serial, revoked_at, revocation_reason FROM certificates WHERE tenant = $1 AND status = 'revoked'"
+        args: list[Any] = [tenant]
+        if region is not None:
+            args.append(region)
+            sql += f" AND region = ${len(args)}"
+        if since is not None:
+            args.append(to_epoch(since))
+            sql += f" AND revoked_at >= ${len(args)}"
+        async with self._transaction(write=False) as tx:
+            rows = await tx.fetch(sql + " ORDER BY serial", *args)
+        return [
+            RevokedEntry(int(r["serial"], 16), from_epoch(r["revoked_at"]), int(r["revocation_reason"]))  # type: ignore[arg-type]
+            for r in rows
+        ]
+
+    async def next_crl_number(self, tenant: str, shard: str) -> int:
+        """Allocate the next CRL number of ``(tenant, shard)``: 1, 2, 3, ... never repeated."""
+        async with self._transaction(write=True) as tx:
+            await tx.execute(
+                "INSERT INTO crl_numbers (tenant, shard, last_number) VALUES ($1, $2, 0) ON CONFLICT DO NOTHING",
+                tenant, shard,
+            )
+            row = await tx.fetchrow(
+                "UPDATE crl_numbers SET last_number = last_number + 1 WHERE tenant = $1 AND shard = $2 "
+                "RETURNING last_number", tenant, shard,
+            )
+        return int(row["last_number"])
+
+    # -- tenants
+
+    async def put_tenant(self, name: str, config: Mapping[str, Any], *, audit: AuditEvent) -> TenantRecord:
+        """Create or replace a tenant's configuration (audited in the same transaction, at ``audit.time``)."""
+        if not isinstance(name, str) or not name:
+            raise ValueError("tenant name must be a non-empty string")
+        text = _json_obj(config, "tenant config")
+        epoch = to_epoch(audit.time)
+        async with self._transaction(write=True) as tx:
+            await tx.execute(
+                "INSERT INTO tenants (name, config, created_at, updated_at) VALUES ($1, $2, $3, $3) "
+                "ON CONFLICT (name) DO UPDATE SET config = excluded.config, updated_at = excluded.updated_at",
+                name, text, epoch,
+            )
+            row = await tx.fetchrow("SELECT * FROM tenants WHERE name = $1", name)
+            await self._append_audit(tx, audit)
+        return self._tenant(row)
+
+    @staticmethod
+    def _tenant(row: Any) -> TenantRecord:
+        return TenantRecord(
+            name=row["name"], config=json.loads(row["config"]),
+            created_at=from_epoch(row["created_at"]), updated_at=from_epoch(row["updated_at"]),  # type: ignore[arg-type]
+        )
+
+    async def get_tenant(self, name: str) -> TenantRecord | None:
+        async with self._transaction(write=False) as tx:
+            row = await tx.fetchrow("SELECT * FROM tenants WHERE name = $1", name)
+        return None if row is None else self._tenant(row)
+
+    async def list_tenants(self) -> list[TenantRecord]:
+        async with self._transaction(write=False) as tx:
+            rows = await tx.fetch("SELECT * FROM tenants ORDER BY name")
+        return [self._tenant(r) for r in rows]
+
+    # -- claims
+
+    async def put_claim(
+        self, tenant: str, claim_id: str, policy: Mapping[str, Any], *, audit: AuditEvent
+    ) -> ClaimRecord:
+        """Create or replace a claim credential's policy (its use count is kept)."""
+        if not isinstance(claim_id, str) or not claim_id:
+            raise ValueError("claim_id must be a non-empty string")
+        text = _json_obj(policy, "claim policy")
+        epoch = to_epoch(audit.time)
+        async with self._transaction(write=True) as tx:
+            await tx.execute(
+                "INSERT INTO claims (tenant, claim_id, policy, uses, created_at) VALUES ($1, $2, $3, 0, $4) "
+                "ON CONFLICT (tenant, claim_id) DO UPDATE SET policy = excluded.policy",
+                tenant, claim_id, text, epoch,
+            )
+            row = await tx.fetchrow("SELECT * FROM claims WHERE tenant = $1 AND claim_id = $2", tenant, claim_id)
+            await self._append_audit(tx, audit)
+        return self._claim(row)
+
+    @staticmethod
+    def _claim(row: Any) -> ClaimRecord:
+        return ClaimRecord(
+            tenant=row["tenant"], claim_id=row["claim_id"], policy=json.loads(row["policy"]),
+            uses=int(row["uses"]), created_at=from_epoch(row["created_at"]),  # type: ignore[arg-type]
+        )
+
+    async def get_claim(self, tenant: str, claim_id: str) -> ClaimRecord | None:
+        async with self._transaction(write=False) as tx:
+            row = await tx.fetchrow("SELECT * FROM claims WHERE tenant = $1 AND claim_id = $2", tenant, claim_id)
+        return None if row is None else self._claim(row)
+
+    async def claim_uses(self, tenant: str, claim_id: str) -> list[ClaimUse]:
+        """The recorded uses of a claim credential, in order."""
+        async with self._transaction(write=False) as tx:
+            rows = await tx.fetch(
+                "SELECT * FROM claim_uses WHERE tenant = $1 AND claim_id = $2 ORDER BY use_no", tenant, claim_id
+            )
+        return [
+            ClaimUse(tenant=r["tenant"], claim_id=r["claim_id"], use_no=int(r["use_no"]), device_id=r["device_id"],
+                     serial=int(r["serial"], 16), at=from_epoch(r["at"]))  # type: ignore[arg-type]
+            for r in rows
+        ]
+
+    async def record_claim(
+        self, tenant: str, claim_id: str, device_id: str, serial: int, at: dt.datetime, max_uses: int,
+        *, audit: AuditEvent,
+    ) -> ClaimUse:
+        """Spend one use of a claim; :class:`ClaimRefused` (and nothing written) once ``max_uses`` are used.
+
+        Race-safe: of concurrent callers competing for the last use exactly one succeeds.
+        """
+        serial_text = serial_hex(serial)
+        epoch = to_epoch(at)
+        async with self._transaction(write=True) as tx:
+            use = await self._spend_claim(tx, tenant, claim_id, device_id, serial_text, epoch, max_uses)
+            await self._append_audit(tx, audit)
+        return use
+
+    async def _spend_claim(
+        self, tx: Tx, tenant: str, claim_id: str, device_id: str, serial_text: str, epoch: int, max_uses: int
+    ) -> ClaimUse:
+        if isinstance(max_uses, bool) or not isinstance(max_uses, int) or max_uses < 0:
+            raise ValueError("max_uses must be an int >= 0")
+        row = await tx.fetchrow(
+            "SELECT uses FROM claims WHERE tenant = $1 AND claim_id = $2 FOR UPDATE", tenant, claim_id
+        )
+        if row is None:
+            raise UnknownClaim(f"tenant {tenant!r} has no claim credential {claim_id!r}")
+        uses = int(row["uses"])
+        if uses >= max_uses:
+            raise ClaimRefused(f"claim {claim_id!r} has used all {max_uses} of its uses")
+        await tx.execute(
+            "UPDATE claims SET uses = $3 WHERE tenant = $1 AND claim_id = $2", tenant, claim_id, uses + 1
+        )
+        await tx.execute(
+            "INSERT INTO claim_uses (tenant, claim_id, use_no, device_id, serial, at) VALUES ($1, $2, $3, $4, $5, $6)",
+            tenant, claim_id, uses + 1, device_id, serial_text, epoch,
+        )
+        return ClaimUse(tenant=tenant, claim_id=claim_id, use_no=uses + 1, device_id=device_id,
+                        serial=int(serial_text, 16), at=from_epoch(epoch))  # type: ignore[arg-type]
+
+
+async def open_registry(url: str) -> Registry:
+    """Open (creating and migrating as needed) the registry at ``url``.
+
+    ``sqlite:///abs/path/registry.db`` (``sqlite://rel/path.db`` is relative to the working
+    directory; parent directories are created) or ``postgresql://user@host:port/db``.
+    Raises :class:`SchemaTooNew` if the database comes from a newer certmq.
+    """
+    scheme = urlsplit(url).scheme
+    if scheme == "sqlite":
+        from .sqlite import SqliteRegistry
+
+        return await SqliteRegistry.open(url)
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresRegistry
+
+        return await PostgresRegistry.open(url)
+    raise ValueError(f"unsupported registry URL scheme {scheme!r} (use sqlite:/// or postgresql://)")
+

@@ -1,0 +1,165 @@
+"""SQLite backend of the registry: the embedded default (one file under the data dir, WAL mode).
+
+The stdlib ``sqlite3`` connection lives on ONE dedicated worker thread and is only ever touched
+there, so the event loop never waits on disk. Transactions are serialised by an asyncio lock (one
+connection, one transaction at a time) and opened with ``BEGIN IMMEDIATE``, which also excludes
+writers in other processes for the transaction's whole life — that is what SQLite gives in place
+of row locks. Statements of a cancelled transaction still run in order on the thread, followed by
+its rollback.
+
+All SQL and all business rules live in :mod:`.base`; this module only adapts the driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from . import schema
+from .base import Registry, RegistryError
+
+__all__ = ["SqliteRegistry", "sqlite_path"]
+
+T = TypeVar("T")
+
+
+@functools.lru_cache(maxsize=512)
+def _translate(sql: str) -> str:
+    # Shared SQL uses $n placeholders and FOR UPDATE; SQLite spells the first ?n and needs no
+    # row locks because BEGIN IMMEDIATE already holds the database's write lock.
+    return re.sub(r"\$(\d+)", r"?\1", sql).replace(" FOR UPDATE", "")
+
+
+def sqlite_path(url: str) -> Path:
+    """File path of a ``sqlite://`` URL: ``sqlite:///abs/x.db`` -> ``/abs/x.db``, ``sqlite://rel/x.db`` -> ``rel/x.db``."""
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite":
+        raise ValueError(f"not a sqlite URL: {url!r}")
+    raw = parts.netloc + parts.path
+    if not raw or raw == "/":
+        raise ValueError(f"sqlite URL {url!r} names no file")
+    return Path(raw)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves. timeout = busy wait for other processes.
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+    try:
+        conn.row_factory = sqlite3.Row
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise RegistryError(f"could not put {path} into WAL mode (got {mode!r})")
+        # FULL: a certificate is sent only after its commit, so the commit must survive power loss.
+        conn.execute("PRAGMA synchronous=FULL")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection, where: str, target: int | None) -> int:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(schema.VERSION_TABLE)
+        current = int(conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0])
+        schema.check_version(current, where=where)
+        for step in schema.pending("sqlite", current, target=target):
+            for statement in step.statements:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_version (version, description, applied_at) VALUES (?, ?, ?)",
+                (step.version, step.description, int(time.time())),
+            )
+            current = step.version
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return current
+
+
+class _Tx:
+    def __init__(self, registry: SqliteRegistry) -> None:
+        self._r = registry
+
+    async def execute(self, sql: str, *args: Any) -> None:
+        await self._r._call(self._r._execute, _translate(sql), args)
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        return await self._r._call(self._r._fetch, _translate(sql), args)
+
+    async def fetchrow(self, sql: str, *args: Any) -> Any | None:
+        rows = await self._r._call(self._r._fetch, _translate(sql), args)
+        return rows[0] if rows else None
+
+
+class SqliteRegistry(Registry):
+    """Registry in one SQLite file. Use :func:`~.base.open_registry` or :meth:`open`."""
+
+    dialect = "sqlite"
+
+    def __init__(self, *, path: Path, executor: ThreadPoolExecutor, conn: sqlite3.Connection, version: int) -> None:
+        self.path = path
+        self.schema_version = version
+        self._executor: ThreadPoolExecutor | None = executor
+        self._conn = conn
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, url: str, *, migrate_to: int | None = None) -> SqliteRegistry:
+        """Open ``url``, creating the file and applying missing migrations (up to ``migrate_to``,
+        default all: a lower target exists for tests and tooling that need an old-version file)."""
+        path = sqlite_path(url)
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="certmq-sqlite")
+        loop = asyncio.get_running_loop()
+        try:
+            conn = await loop.run_in_executor(executor, _connect, path)
+            try:
+                version = await loop.run_in_executor(executor, _migrate, conn, str(path), migrate_to)
+            except BaseException:
+                await loop.run_in_executor(executor, conn.close)
+                raise
+        except BaseException:
+            executor.shutdown(wait=True)
+            raise
+        return cls(path=path, executor=executor, conn=conn, version=version)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            raise RegistryError("registry is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _execute(self, sql: str, args: tuple[Any, ...]) -> None:
+        self._conn.execute(sql, args)
+
+    def _fetch(self, sql: str, args: tuple[Any, ...]) -> list[sqlite3.Row]:
+        return self._conn.execute(sql, args).fetchall()
+
+    @asynccontextmanager
+    async def _transaction(self, *, write: bool) -> AsyncIterator[_Tx]:
+        async with self._lock:
+            await self._call(self._execute, "BEGIN IMMEDIATE" if write else "BEGIN", ())
+            try:
+                yield _Tx(self)
+            except BaseException:
+                await self._call(self._execute, "ROLLBACK", ())
+                raise
+            await self._call(self._execute, "COMMIT", ())
+
+    async def close(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        async with self._lock:
+            await asyncio.get_running_loop().run_in_executor(executor, self._conn.close)
+        executor.shutdown(wait=True)
