@@ -36,6 +36,7 @@ from typing import Any, NoReturn
 import pkcs11
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
+from cryptography.utils import Buffer
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_named_curve_parameters
 
@@ -295,7 +296,7 @@ class HsmEcPrivateKey(ec.EllipticCurvePrivateKey):
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._public
 
-    def sign(self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+    def sign(self, data: Buffer, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
         """ECDSA-sign ``data``: hash here, raw ECDSA on the token, DER ``SEQUENCE {r, s}`` out."""
         if not isinstance(signature_algorithm, ec.ECDSA):
             raise HsmError(f"HSM EC keys sign with ECDSA only, not {type(signature_algorithm).__name__}")

@@ -46,6 +46,7 @@ from protocol.errors import CertmqError
 __all__ = [
     "CaPrivateKey",
     "KeyAlgorithm",
+    "SignatureHash",
     "SignerError",
     "generate_private_key",
     "key_algorithm",
@@ -61,9 +62,13 @@ CaPrivateKey: TypeAlias = Union[
     ed25519.Ed25519PrivateKey,
     mldsa.MLDSA44PrivateKey,
     mldsa.MLDSA65PrivateKey,
+    mldsa.MLDSA87PrivateKey,
     rsa.RSAPrivateKey,
 ]
-"""The private-key types a CA key may have (RSA only when loaded, never generated)."""
+"""The private-key types a CA key may have (RSA and ML-DSA-87 only when loaded, never generated)."""
+
+SignatureHash: TypeAlias = Union[hashes.SHA256, hashes.SHA384, hashes.SHA512, None]
+"""What :func:`signature_hash` returns: exactly the types ``CertificateBuilder.sign`` is typed to take."""
 
 _MLDSA_TYPES = (mldsa.MLDSA44PrivateKey, mldsa.MLDSA65PrivateKey, mldsa.MLDSA87PrivateKey)
 _CA_KEY_TYPES = (ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, rsa.RSAPrivateKey, *_MLDSA_TYPES)
@@ -124,7 +129,7 @@ def key_algorithm(key: object) -> KeyAlgorithm:
     raise SignerError(f"{type(key).__name__} is not a CA key algorithm certmq generates")
 
 
-def signature_hash(key: object) -> hashes.HashAlgorithm | None:
+def signature_hash(key: object) -> SignatureHash:
     """The hash to pass to ``CertificateBuilder.sign`` with ``key``.
 
     SHA-256 for P-256 and RSA, SHA-384 for P-384 (and SHA-512 for P-521, matching strength),

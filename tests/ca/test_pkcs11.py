@@ -191,8 +191,8 @@ def test_open_signer_pkcs11_uri(session: HsmSession, softhsm_token: SoftHsmToken
     made = generate_ec_key(session, _label(), "p384")
 
     key = open_signer(softhsm_token.uri(made.label), passphrase=softhsm_token.user_pin.encode())
+    assert isinstance(key, HsmEcPrivateKey)
     try:
-        assert isinstance(key, HsmEcPrivateKey)
         assert key.public_key() == made.public_key()
         cert = _root(key, "opened by uri")
         cert.verify_directly_issued_by(cert)
@@ -203,11 +203,13 @@ def test_open_signer_pkcs11_uri(session: HsmSession, softhsm_token: SoftHsmToken
     pin_file.write_text(softhsm_token.user_pin + "\n")
     pin_file.chmod(0o600)
     key = open_signer(f"{softhsm_token.uri(made.label)}&pin-source=file:{pin_file}", passphrase=None)
+    assert isinstance(key, HsmEcPrivateKey)
     assert key.public_key() == made.public_key()
     key.close()
 
     monkeypatch.setenv("CERTMQ_TEST_HSM_PIN", softhsm_token.user_pin)
     key = open_signer(f"pkcs11:token={softhsm_token.label};object={made.label}?pin-source=env:CERTMQ_TEST_HSM_PIN", passphrase=None)
+    assert isinstance(key, HsmEcPrivateKey)
     assert key.public_key() == made.public_key()
     key.close()
 
