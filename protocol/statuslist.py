@@ -30,28 +30,28 @@ mode 1, RAW
     unused bits of its last byte zero.
 mode 2, RICE over set bits; mode 3, RICE over clear bits
     Let ``t`` = 1 for mode 2, ``t`` = 0 for mode 3, and ``p_0 < p_1 < ... < p_{c-1}``
-    the positions of the bits equal to ``t``. The *gap* before each is the number of
-    other bits since the previous one: ``g_j = p_j - p_{j-1} - 1`` with ``p_{-1} = -1``.
-    Each gap is one Golomb-Rice codeword with parameter ``k`` (divisor ``2**k``):
-    ``q = g >> k`` one-bits, one zero-bit, then the low ``k`` bits of ``g``, most
-    significant first (nothing when ``k`` = 0). The codewords are concatenated into a
-    bit stream read from the most significant bit of the first body byte on, and the
-    stream is padded to a byte boundary with 0-7 **one**-bits. Bits after
-    ``p_{c-1}`` (or all bits when ``c`` = 0) are ``1 - t``.
+    the positions of the bits equal to ``t``; all other bits are ``1 - t``. The body
+    is ``c`` as a 4-byte big-endian unsigned integer, then a bit stream of ``c``
+    Golomb-Rice codewords with parameter ``k`` (divisor ``2**k``), one per *gap*
+    ``g_j = p_j - p_{j-1} - 1`` (with ``p_{-1} = -1``: the number of other bits since
+    the previous one). A codeword is ``q = g >> k`` one-bits, one zero-bit, then the
+    low ``k`` bits of ``g``, most significant first (nothing when ``k`` = 0). The
+    stream is read from the most significant bit of its first byte on and padded to
+    a byte boundary with 0-7 **one**-bits; nothing follows.
 
-    Decoding: repeat -- if fewer than 8 bits remain and all of them are ones (or none
-    remain), stop; otherwise read ones up to the next zero (``q``), then ``k`` bits
-    (``r``), ``g = q * 2**k + r``, ``p = previous p + 1 + g``. One-bits cannot end a
-    codeword, so the padding is unambiguous.
+    Decoding: ``c`` times, read ones up to the next zero (``q``), then ``k`` bits
+    (``r``); ``g = q * 2**k + r``, ``p = previous p + 1 + g``. Then fewer than 8 bits
+    must remain, all ones.
 
 A decoder rejects (``DecodeError``), and never returns partial data, when:
 ``size`` is negative or above :data:`MAX_LIST_SIZE`; ``data`` is empty or longer than
 ``1 + ceil(size / 8)`` bytes (an encoder can always use RAW, so it never needs more);
 mode 0/1 with ``k != 0``; mode 0 with a body; mode 1 with a body of the wrong length or
 non-zero unused bits; ``k`` above ``bit_length(max(size - 1, 0))`` (a divisor larger
-than any possible gap, never optimal); a truncated codeword; 8 or more trailing
-bits without a zero (over-long padding or a truncated unary part); a position
-``p >= size``. Work and memory are therefore bounded by ``O(size)``.
+than any possible gap, never optimal); a Rice body shorter than 4 bytes; ``c > size``
+or ``c * (k + 1)`` more than the stream's bits; a truncated codeword; a position
+``p >= size``; 8 or more bits left after the last codeword, or a zero among the
+padding bits. Work and memory are therefore bounded by ``O(size)``.
 
 The encoder here picks the smallest of EMPTY, RAW and RICE over the minority bit value
 with the exact optimal ``k`` for the gap histogram (so ``k`` follows the density:
@@ -152,7 +152,7 @@ def compress(bits: bytes, size: int) -> bytes:
     by_run = Counter(runs)
     hist: Counter[int] = Counter({len(r): c for r, c in by_run.items()})
     best_k = min(range(_max_k(size) + 1), key=lambda k: (_rice_bits(hist, k), k))
-    rice_len = 1 + (_rice_bits(hist, best_k) + 7) // 8
+    rice_len = 1 + 4 + (_rice_bits(hist, best_k) + 7) // 8
     if 1 + nbytes <= rice_len:
         return bytes([_RAW << 6]) + bits
     k = best_k
@@ -164,7 +164,7 @@ def compress(bits: bytes, size: int) -> bytes:
     stream = "".join(map(code.__getitem__, runs))
     stream += "1" * (-len(stream) % 8)
     body = int(stream, 2).to_bytes(len(stream) // 8, "big") if stream else b""
-    return bytes([(mode << 6) | k]) + body
+    return bytes([(mode << 6) | k]) + len(runs).to_bytes(4, "big") + body
 
 
 def decompress(data: bytes, size: int) -> bytes:
@@ -209,14 +209,21 @@ def decompress(data: bytes, size: int) -> bytes:
 
 def _rice_positions(body: bytes, size: int, k: int) -> str:
     """Decode a Rice body to a '0'/'1' string of ``size`` chars with the coded positions set."""
-    nbits = 8 * len(body)
-    s = _to_bitstr(body, nbits)
+    if len(body) < 4:
+        raise DecodeError("Rice body shorter than its 4-byte codeword count")
+    count = int.from_bytes(body[:4], "big")
+    nbits = 8 * (len(body) - 4)
+    if count > size or count * (k + 1) > nbits:
+        raise DecodeError(f"{count} Rice codewords cannot fit a {size}-bit list in {nbits} bits")
+    s = _to_bitstr(body[4:], nbits)
     if k == 0:
-        # Each codeword is g ones then a zero: the stream is the bitmap up to the last
-        # coded position, complemented. One C-speed pass instead of a loop per position.
+        # Each codeword is g ones then a zero and the padding has no zero, so the stream
+        # up to its last zero is the bitmap, complemented: one C-speed pass, no loop.
         last = s.rfind("0")
+        if s.count("0") != count:
+            raise DecodeError("Rice stream does not hold exactly the declared codewords")
         if nbits - last - 1 >= 8:
-            raise DecodeError("Rice stream ends in 8 or more one-bits (truncated or bad padding)")
+            raise DecodeError("data after the last Rice codeword")
         if last >= size:
             raise DecodeError(f"Rice stream names a position beyond the {size}-bit list")
         return s[: last + 1].translate(_FLIP) + "0" * (size - last - 1)
@@ -227,14 +234,10 @@ def _rice_positions(body: bytes, size: int, k: int) -> str:
     nxt = 0  # first list position not yet written
     find = s.find
     append = gaps.append
-    while True:
+    for _ in range(count):
         z = find("0", pos)
-        if z < 0:
-            if nbits - pos >= 8:
-                raise DecodeError("Rice stream ends in 8 or more one-bits (truncated or bad padding)")
-            break
         end = z + 1 + k
-        if end > nbits:
+        if z < 0 or end > nbits:
             raise DecodeError("truncated Rice codeword")
         r = rem[s[z + 1 : end]] if rem is not None else int(s[z + 1 : end], 2)
         gap = ((z - pos) << k) | r
@@ -243,6 +246,8 @@ def _rice_positions(body: bytes, size: int, k: int) -> str:
         append(gap)
         nxt += gap + 1
         pos = end
+    if nbits - pos >= 8 or "0" in s[pos:]:
+        raise DecodeError("data after the last Rice codeword (padding must be 0-7 one-bits)")
     # Distinct gaps sum to at most size, so this table is bounded by the list too.
     run = {g: "0" * g + "1" for g in set(gaps)}
     return "".join(map(run.__getitem__, gaps)) + "0" * (size - nxt)
