@@ -51,7 +51,14 @@ non-zero unused bits; ``k`` above ``bit_length(max(size - 1, 0))`` (a divisor la
 than any possible gap, never optimal); a Rice body shorter than 4 bytes; ``c > size``
 or ``c * (k + 1)`` more than the stream's bits; a truncated codeword; a position
 ``p >= size``; 8 or more bits left after the last codeword, or a zero among the
-padding bits. Work and memory are therefore bounded by ``O(size)``.
+padding bits. Work and memory are therefore bounded by ``O(size)`` (the costliest
+valid 2 MiB input decodes in about 2 s in CPython).
+
+Example: a 40-bit list with bits 3 and 10 set is ``10 20 00 00 00`` uncompressed.
+With mode 2 and ``k`` = 1 the gaps 3 and 6 are ``1 0 1`` and ``111 0 0``, the stream
+``10111100``, and the data ``81 00000002 bc`` (``c`` = 2). The same list with only
+bit 3 set is ``81 00000001 bf`` (``101`` plus five padding ones). These and the
+rejections are test vectors in ``tests/protocol/test_statuslist.py``.
 
 The encoder here picks the smallest of EMPTY, RAW and RICE over the minority bit value
 with the exact optimal ``k`` for the gap histogram (so ``k`` follows the density:
@@ -321,7 +328,8 @@ def _check_delta(d: DeltaLike, err: type[Exception]) -> tuple[int, ...]:
             raise err(f"delta {name} must be a non-negative int, got {getattr(d, name, None)!r}")
     if d.to_sequence <= d.from_sequence:
         raise err(f"delta goes from sequence {d.from_sequence} to {d.to_sequence}: must increase")
-    idx = tuple(d.indices) if isinstance(d.indices, (tuple, list)) else None
+    raw = getattr(d, "indices", None)
+    idx = tuple(raw) if isinstance(raw, (tuple, list)) else None
     if idx is None:
         raise err("delta indices must be a tuple of ints")
     prev = -1
