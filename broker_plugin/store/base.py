@@ -43,13 +43,16 @@ __all__ = [
     "RequestKey",
     "RevokedEntry",
     "SchemaTooNew",
+    "serial_hex",
     "StatusDelta",
     "StatusListSnapshot",
     "TenantRecord",
     "Tx",
     "UnknownCertificate",
     "UnknownClaim",
+    "from_epoch",
     "open_registry",
+    "to_epoch",
 ]
 
 SERIAL_BITS = 160  #: RFC 5280: at most 20 octets
@@ -398,6 +401,8 @@ class Registry(abc.ABC):
         """``(seq, hash)`` of the last audit entry (``(0, 32 zero bytes)`` when empty)."""
         async with self._transaction(write=False) as tx:
             row = await tx.fetchrow("SELECT seq, hash FROM audit_head WHERE id = 1")
+        if row is None:
+            raise RegistryError("audit head row missing: database not initialised by certmq")
         return int(row["seq"]), bytes(row["hash"])
 
     async def verify_audit(self) -> _audit.VerifyResult:
@@ -723,6 +728,7 @@ class Registry(abc.ABC):
                 "UPDATE crl_numbers SET last_number = last_number + 1 WHERE tenant = $1 AND shard = $2 "
                 "RETURNING last_number", tenant, shard,
             )
+        assert row is not None  # inserted just above in the same transaction
         return int(row["last_number"])
 
     # -- tenants

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 
 from . import schema
 from .base import Registry, RegistryError
@@ -26,6 +26,13 @@ __all__ = ["PostgresRegistry"]
 
 # Arbitrary constant naming certmq's migration lock among the database's advisory locks.
 _MIGRATION_LOCK = 0x63657274_6D71
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
 
 
 class _Tx:
@@ -74,7 +81,10 @@ class PostgresRegistry(Registry):
         cls, url: str, *, migrate_to: int | None = None, min_size: int = 1, max_size: int = 10
     ) -> PostgresRegistry:
         """Connect a pool to ``url`` and apply missing migrations (up to ``migrate_to``, default all)."""
-        pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size)
+        try:
+            pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise RegistryError(f"cannot connect to the registry database at {_redacted(url)}: {exc}") from exc
         try:
             async with pool.acquire() as conn:
                 where = f"database {urlsplit(url).path.lstrip('/')!r}"
@@ -88,13 +98,17 @@ class PostgresRegistry(Registry):
     async def _transaction(self, *, write: bool) -> AsyncIterator[_Tx]:
         if self._pool is None:
             raise RegistryError("registry is closed")
-        async with self._pool.acquire() as conn:
-            if write:
-                tx = conn.transaction(isolation="read_committed")
-            else:
-                tx = conn.transaction(isolation="repeatable_read", readonly=True)
-            async with tx:
-                yield _Tx(conn)
+        try:
+            async with self._pool.acquire() as conn:
+                if write:
+                    tx = conn.transaction(isolation="read_committed")
+                else:
+                    tx = conn.transaction(isolation="repeatable_read", readonly=True)
+                async with tx:
+                    yield _Tx(conn)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # Driver errors stop here: callers see the registry's error tree only.
+            raise RegistryError(f"PostgreSQL: {exc}") from exc
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

@@ -129,6 +129,9 @@ class SqliteRegistry(Registry):
             except BaseException:
                 await loop.run_in_executor(executor, conn.close)
                 raise
+        except (sqlite3.Error, OSError) as exc:
+            executor.shutdown(wait=True)
+            raise RegistryError(f"cannot open the registry file {path}: {exc}") from exc
         except BaseException:
             executor.shutdown(wait=True)
             raise
@@ -147,14 +150,18 @@ class SqliteRegistry(Registry):
 
     @asynccontextmanager
     async def _transaction(self, *, write: bool) -> AsyncIterator[_Tx]:
-        async with self._lock:
-            await self._call(self._execute, "BEGIN IMMEDIATE" if write else "BEGIN", ())
-            try:
-                yield _Tx(self)
-            except BaseException:
-                await self._call(self._execute, "ROLLBACK", ())
-                raise
-            await self._call(self._execute, "COMMIT", ())
+        try:
+            async with self._lock:
+                await self._call(self._execute, "BEGIN IMMEDIATE" if write else "BEGIN", ())
+                try:
+                    yield _Tx(self)
+                except BaseException:
+                    await self._call(self._execute, "ROLLBACK", ())
+                    raise
+                await self._call(self._execute, "COMMIT", ())
+        except sqlite3.Error as exc:
+            # Driver errors stop here: callers see the registry's error tree only.
+            raise RegistryError(f"SQLite ({self.path}): {exc}") from exc
 
     async def close(self) -> None:
         executor, self._executor = self._executor, None

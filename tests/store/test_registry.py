@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,7 @@ from broker_plugin.store.base import (
     ClaimRefused,
     ClaimSpend,
     DuplicateSerial,
+    RegistryError,
     RequestIdReused,
     SchemaTooNew,
     UnknownCertificate,
@@ -463,3 +465,16 @@ async def test_closed_registry_refuses_calls(registry, h):
     await registry.close()
     with pytest.raises(Exception, match="closed"):
         await registry.get_certificate("acme", 1)
+
+
+async def test_unopenable_databases_give_a_registry_error(tmp_path):
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not an SQLite database file, not at all" * 100)
+    with pytest.raises(RegistryError, match="junk.db"):
+        await open_registry(f"sqlite://{junk}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound but not listening: connections are refused
+        with pytest.raises(RegistryError, match="cannot connect") as err:
+            await open_registry(f"postgresql://nobody:secret@127.0.0.1:{port}/x")
+    assert "secret" not in str(err.value)
