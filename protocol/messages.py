@@ -26,6 +26,7 @@ from . import extensions
 from .codes import ErrorCode, MessageType, Profile, RevocationReason
 from .errors import LocalProtocolError
 from .renewal import RenewalWindow
+from .statuslist import MAX_LIST_SIZE
 
 __all__ = [
     "CertificateIssued",
@@ -218,7 +219,7 @@ class CertificateIssued:
         """The issued certificate as a :class:`cryptography.x509.Certificate`."""
         try:
             return x509.load_der_x509_certificate(self.certificate)
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise _fail(f"certificate is not a DER X.509 certificate: {exc}") from None
 
     @property
@@ -306,7 +307,7 @@ class RevocationSnapshot:
     def __post_init__(self) -> None:
         _check_uint("list_id", self.list_id, maximum=2**32 - 1)
         _check_uint("sequence", self.sequence)
-        _check_uint("size", self.size, maximum=2**32 - 1)
+        _check_uint("size", self.size, maximum=MAX_LIST_SIZE)
         if type(self.bits) is not bytes:
             raise _fail("bits must be bytes")
         _check_time("time", self.time)

@@ -137,7 +137,7 @@ MESSAGES = {
         m.RevocationSnapshot,
         list_id=uint32,
         sequence=st.integers(min_value=0, max_value=2**63 - 1),
-        size=uint32,
+        size=st.integers(min_value=0, max_value=2**24),
         bits=st.binary(max_size=200),
         time=times,
     ),
@@ -235,6 +235,10 @@ def test_delta_indices_cost_at_most_8_bytes_each() -> None:
 # --- strictness -----------------------------------------------------------------------
 
 
+# X.509 version 6 does not exist: cryptography raises InvalidVersion, not ValueError.
+BAD_VERSION_CERT = example_certificate().replace(b"\xa0\x03\x02\x01\x02", b"\xa0\x03\x02\x01\x05", 1)
+
+
 def enc(obj: object) -> bytes:
     return cbor2.dumps(obj, canonical=True)
 
@@ -271,6 +275,7 @@ def enc(obj: object) -> bytes:
         (enc({0: 1, 1: 7, 2: 1, 3: 5, 4: 6, 5: [3, 2], 6: 1, 7: 0}), "strictly increasing"),
         (enc({0: 1, 1: 7, 2: 1, 3: 5, 4: 5, 5: [], 6: 1, 7: 0}), "greater"),
         (enc({0: 1, 1: 3, 2: bytes(16), 3: b"not a certificate"}), "X.509"),
+        (enc({0: 1, 1: 3, 2: bytes(16), 3: BAD_VERSION_CERT}), "X.509"),
         (enc({0: 1, 1: 3, 2: bytes(16), 3: example_certificate(), 4: []}), "empty chain"),
         (enc({0: 1, 1: 3, 2: bytes(16), 3: example_certificate(), 5: [10, 5]}), "start"),
         (enc({0: 1, 1: 4, 2: bytes(16), 3: 7, 4: b"\x01"}), "RevocationReason"),
