@@ -103,11 +103,15 @@ class SchemaTooNew(RegistryError):
 
 
 class CertificateStatus(enum.StrEnum):
+    """A stored certificate's state; revocation is final."""
+
     ACTIVE = "active"
     REVOKED = "revoked"
 
 
 class CertificateKind(enum.StrEnum):
+    """What a certificate is for: the device's working identity, a claim credential, or a factory one."""
+
     OPERATIONAL = "operational"
     BOOTSTRAP = "bootstrap"
     FACTORY = "factory"
@@ -129,6 +133,7 @@ def to_epoch(value: dt.datetime) -> int:
 
 
 def from_epoch(value: int | None) -> dt.datetime | None:
+    """Stored epoch seconds -> aware UTC datetime (None stays None)."""
     return None if value is None else dt.datetime.fromtimestamp(int(value), dt.UTC)
 
 
@@ -217,6 +222,8 @@ class ClaimSpend:
 
 @dataclass(frozen=True, kw_only=True)
 class TenantRecord:
+    """A tenant and its configuration (policy, profiles) exactly as the caller stored it."""
+
     name: str
     config: Mapping[str, Any]
     created_at: dt.datetime
@@ -225,6 +232,8 @@ class TenantRecord:
 
 @dataclass(frozen=True, kw_only=True)
 class ClaimRecord:
+    """A bootstrap claim credential: its policy as stored and how many uses it has spent."""
+
     tenant: str
     claim_id: str
     policy: Mapping[str, Any]
@@ -234,6 +243,8 @@ class ClaimRecord:
 
 @dataclass(frozen=True, kw_only=True)
 class ClaimUse:
+    """One spent use of a claim credential (``use_no`` counts from 1)."""
+
     tenant: str
     claim_id: str
     use_no: int
@@ -252,6 +263,8 @@ class StatusListSnapshot(NamedTuple):
 
 @dataclass(frozen=True, kw_only=True)
 class StatusDelta:
+    """Indices of one status list set by one revocation: takes the region feed from ``from_seq`` to ``to_seq``."""
+
     tenant: str
     region: str
     list_id: int
@@ -263,6 +276,8 @@ class StatusDelta:
 
 
 class RevokedEntry(NamedTuple):
+    """One CRL entry: serial, revocation time, CRLReason."""
+
     serial: int
     revoked_at: dt.datetime
     reason: int
@@ -497,6 +512,7 @@ class Registry(abc.ABC):
         return record
 
     async def get_certificate(self, tenant: str, serial: int) -> CertificateRecord | None:
+        """The certificate with this serial in this tenant, or None."""
         async with self._transaction(write=False) as tx:
             row = await tx.fetchrow(
                 f"SELECT {_CERT_COLS} FROM certificates WHERE tenant = $1 AND serial = $2", tenant, serial_hex(serial)
@@ -757,11 +773,13 @@ class Registry(abc.ABC):
         )
 
     async def get_tenant(self, name: str) -> TenantRecord | None:
+        """The tenant called ``name``, or None."""
         async with self._transaction(write=False) as tx:
             row = await tx.fetchrow("SELECT * FROM tenants WHERE name = $1", name)
         return None if row is None else self._tenant(row)
 
     async def list_tenants(self) -> list[TenantRecord]:
+        """All tenants, by name."""
         async with self._transaction(write=False) as tx:
             rows = await tx.fetch("SELECT * FROM tenants ORDER BY name")
         return [self._tenant(r) for r in rows]
@@ -794,6 +812,7 @@ class Registry(abc.ABC):
         )
 
     async def get_claim(self, tenant: str, claim_id: str) -> ClaimRecord | None:
+        """The claim credential ``claim_id`` of ``tenant``, or None."""
         async with self._transaction(write=False) as tx:
             row = await tx.fetchrow("SELECT * FROM claims WHERE tenant = $1 AND claim_id = $2", tenant, claim_id)
         return None if row is None else self._claim(row)

@@ -478,3 +478,18 @@ async def test_unopenable_databases_give_a_registry_error(tmp_path):
         with pytest.raises(RegistryError, match="cannot connect") as err:
             await open_registry(f"postgresql://nobody:secret@127.0.0.1:{port}/x")
     assert "secret" not in str(err.value)
+
+
+@pytest.mark.parametrize("module", ["base", "audit", "schema", "sqlite", "postgres"])
+def test_all_lists_exactly_the_public_names(module):
+    import importlib
+    import inspect
+
+    mod = importlib.import_module(f"broker_plugin.store.{module}")
+    defined = {
+        name for name, obj in vars(mod).items()
+        if not name.startswith("_") and getattr(obj, "__module__", mod.__name__) == mod.__name__
+        and (inspect.isclass(obj) or inspect.isfunction(obj))
+    }
+    assert defined <= set(mod.__all__), defined - set(mod.__all__)
+    assert all(hasattr(mod, n) for n in mod.__all__)
