@@ -36,11 +36,13 @@ __all__ = [
     "ClaimRefused",
     "ClaimSpend",
     "ClaimUse",
+    "CrlBase",
     "DuplicateSerial",
     "RegistryError",
     "Registry",
     "RequestIdReused",
     "RequestKey",
+    "RevocationOutcome",
     "RevokedEntry",
     "SchemaTooNew",
     "serial_hex",
@@ -115,6 +117,7 @@ class CertificateKind(enum.StrEnum):
     OPERATIONAL = "operational"
     BOOTSTRAP = "bootstrap"
     FACTORY = "factory"
+    OPERATOR = "operator"  #: an operator's client certificate (schema v3 and later)
 
 
 def _aware(value: dt.datetime | None, name: str, *, optional: bool = False) -> dt.datetime | None:
@@ -273,6 +276,21 @@ class StatusDelta:
     indices: tuple[int, ...]
     reason: int
     at: dt.datetime
+
+
+class CrlBase(NamedTuple):
+    """The last full CRL of a shard: delta CRLs name its number and list what was revoked since."""
+
+    crl_number: int
+    this_update: dt.datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class RevocationOutcome:
+    """What one revocation transaction did: the newly revoked certificates and the deltas it wrote."""
+
+    revoked: tuple[CertificateRecord, ...]
+    deltas: tuple[StatusDelta, ...]
 
 
 class RevokedEntry(NamedTuple):
@@ -653,22 +671,49 @@ class Registry(abc.ABC):
         chosen = [(n, v) for n, v in (("serial", serial), ("device_id", device_id), ("profile", profile)) if v is not None]
         if len(chosen) != 1:
             raise ValueError("revoke needs exactly one of serial, device_id, profile")
+        outcome = await self.revoke_selected(
+            tenant, serial=serial, device_id=device_id, profile=profile, reason=reason, at=at, audit=audit
+        )
+        return list(outcome.revoked)
+
+    async def revoke_selected(
+        self,
+        tenant: str,
+        *,
+        serial: int | None = None,
+        device_id: str | None = None,
+        profile: str | None = None,
+        reason: int,
+        at: dt.datetime,
+        audit: AuditEvent,
+    ) -> RevocationOutcome:
+        """Like :meth:`revoke`, also returning the deltas written; ``device_id`` may be narrowed by ``profile``.
+
+        Selectors: ``serial`` alone, ``device_id`` (optionally with ``profile``), or ``profile`` alone.
+        """
+        if serial is not None and (device_id is not None or profile is not None):
+            raise ValueError("a serial selects one certificate: no device_id or profile with it")
+        if serial is None and device_id is None and profile is None:
+            raise ValueError("revoke needs serial, device_id (optionally with profile), or profile")
         reason = int(RevocationReason(reason))
         epoch = to_epoch(at)
-        column, value = chosen[0]
-        if column == "serial":
-            value = serial_hex(value)  # type: ignore[arg-type]
+        where, values = [], []
+        for column, value in (("serial", serial), ("device_id", device_id), ("profile", profile)):
+            if value is not None:
+                values.append(serial_hex(value) if column == "serial" else value)  # type: ignore[arg-type]
+                where.append(f"{column} = ${len(values) + 1}")
+        deltas: list[StatusDelta] = []
         async with self._transaction(write=True) as tx:
             rows = await tx.fetch(
-                f"SELECT {_CERT_COLS} FROM certificates WHERE tenant = $1 AND {column} = $2 AND status = 'active' "
-                "ORDER BY serial FOR UPDATE", tenant, value,
+                f"SELECT {_CERT_COLS} FROM certificates WHERE tenant = $1 AND {' AND '.join(where)} "
+                "AND status = 'active' ORDER BY serial FOR UPDATE", tenant, *values,
             )
-            if not rows and column == "serial":
+            if not rows and serial is not None:
                 exists = await tx.fetchrow(
-                    "SELECT 1 AS x FROM certificates WHERE tenant = $1 AND serial = $2", tenant, value
+                    "SELECT 1 AS x FROM certificates WHERE tenant = $1 AND serial = $2", tenant, values[0]
                 )
                 if exists is None:
-                    raise UnknownCertificate(f"tenant {tenant!r} has no certificate {value}")
+                    raise UnknownCertificate(f"tenant {tenant!r} has no certificate {values[0]}")
             revoked = [
                 replace(_cert(r), status=CertificateStatus.REVOKED, revoked_at=from_epoch(epoch), revocation_reason=reason)
                 for r in rows
@@ -706,13 +751,17 @@ class Registry(abc.ABC):
                         "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                         tenant, region, list_id, seq, seq + 1, json.dumps(indices), reason, epoch,
                     )
+                    deltas.append(StatusDelta(
+                        tenant=tenant, region=region, list_id=list_id, from_seq=seq, to_seq=seq + 1,
+                        indices=tuple(indices), reason=reason, at=from_epoch(epoch),  # type: ignore[arg-type]
+                    ))
                     seq += 1
                 await tx.execute(
                     "UPDATE status_feeds SET sequence = $3 WHERE tenant = $1 AND region = $2", tenant, region, seq
                 )
             details = {**audit.details, "revoked_serials": [serial_hex(r.serial) for r in revoked]}
             await self._append_audit(tx, replace(audit, details=details))
-        return revoked
+        return RevocationOutcome(revoked=tuple(revoked), deltas=tuple(deltas))
 
     async def revoked_for_crl(
         self, tenant: str, *, region: str | None = None, since: dt.datetime | None = None
@@ -746,6 +795,27 @@ class Registry(abc.ABC):
             )
         assert row is not None  # inserted just above in the same transaction
         return int(row["last_number"])
+
+    async def record_crl_base(self, tenant: str, shard: str, crl_number: int, this_update: dt.datetime) -> None:
+        """Remember the full CRL just published for ``(tenant, shard)``: later delta CRLs refer to it."""
+        epoch = to_epoch(this_update)
+        async with self._transaction(write=True) as tx:
+            await tx.execute(
+                "INSERT INTO crl_bases (tenant, shard, crl_number, this_update) VALUES ($1, $2, $3, $4) "
+                "ON CONFLICT (tenant, shard) DO UPDATE SET crl_number = excluded.crl_number, "
+                "this_update = excluded.this_update WHERE crl_bases.crl_number < excluded.crl_number",
+                tenant, shard, crl_number, epoch,
+            )
+
+    async def last_crl_base(self, tenant: str, shard: str) -> CrlBase | None:
+        """The last full CRL recorded for ``(tenant, shard)``, or None."""
+        async with self._transaction(write=False) as tx:
+            row = await tx.fetchrow(
+                "SELECT crl_number, this_update FROM crl_bases WHERE tenant = $1 AND shard = $2", tenant, shard
+            )
+        if row is None:
+            return None
+        return CrlBase(int(row["crl_number"]), from_epoch(row["this_update"]))  # type: ignore[arg-type]
 
     # -- tenants
 

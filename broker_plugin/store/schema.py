@@ -139,6 +139,59 @@ _V2 = [
 ]
 
 
+# v3: operator certificates (a certificate kind the CA service authenticates operators with) and
+# the base CRL each shard's delta CRLs refer to. SQLite cannot alter a CHECK constraint, so it
+# rebuilds the certificates table (the documented 12-step procedure, minus foreign keys: none).
+_KINDS_V3 = "('operational', 'bootstrap', 'factory', 'operator')"
+_CRL_BASES = """CREATE TABLE crl_bases (
+        tenant TEXT NOT NULL,
+        shard TEXT NOT NULL,
+        crl_number BIGINT NOT NULL,
+        this_update BIGINT NOT NULL,
+        PRIMARY KEY (tenant, shard))"""
+_V3: dict[str, list[str]] = {
+    "postgresql": [
+        "ALTER TABLE certificates DROP CONSTRAINT IF EXISTS certificates_kind_check",
+        f"ALTER TABLE certificates ADD CONSTRAINT certificates_kind_check CHECK (kind IN {_KINDS_V3})",
+        _CRL_BASES,
+    ],
+    "sqlite": [
+        f"""CREATE TABLE certificates_v3 (
+        tenant TEXT NOT NULL,
+        serial TEXT NOT NULL CHECK (length(serial) = 40),
+        device_id TEXT NOT NULL,
+        profile TEXT NOT NULL,
+        region TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
+        not_before BIGINT NOT NULL,
+        not_after BIGINT NOT NULL,
+        der BLOB NOT NULL,
+        spki_sha256 BLOB NOT NULL CHECK (length(spki_sha256) = 32),
+        status_list_id BIGINT,
+        status_index BIGINT,
+        issued_at BIGINT NOT NULL,
+        revoked_at BIGINT,
+        revocation_reason INTEGER,
+        kind TEXT NOT NULL DEFAULT 'operational' CHECK (kind IN {_KINDS_V3}),
+        replaced_serial TEXT,
+        PRIMARY KEY (tenant, serial),
+        UNIQUE (tenant, region, status_list_id, status_index))""",
+        "INSERT INTO certificates_v3 (tenant, serial, device_id, profile, region, status, not_before, not_after, "
+        "der, spki_sha256, status_list_id, status_index, issued_at, revoked_at, revocation_reason, kind, "
+        "replaced_serial) SELECT tenant, serial, device_id, profile, region, status, not_before, not_after, der, "
+        "spki_sha256, status_list_id, status_index, issued_at, revoked_at, revocation_reason, kind, replaced_serial "
+        "FROM certificates",
+        "DROP TABLE certificates",
+        "ALTER TABLE certificates_v3 RENAME TO certificates",
+        "CREATE INDEX certificates_by_device ON certificates (tenant, device_id, profile)",
+        "CREATE INDEX certificates_by_expiry ON certificates (tenant, not_after)",
+        "CREATE INDEX certificates_by_profile ON certificates (tenant, profile, status)",
+        "CREATE INDEX certificates_by_revocation ON certificates (tenant, revoked_at) WHERE status = 'revoked'",
+        _CRL_BASES,
+    ],
+}
+
+
 @dataclass(frozen=True, kw_only=True)
 class Migration:
     """One forward step: after it the database is at ``version``."""
@@ -148,9 +201,11 @@ class Migration:
     statements: tuple[str, ...]
 
 
-_STEPS: list[tuple[int, str, list[str]]] = [
+# A step's statements are shared SQL, or (when the dialects cannot share it) one list per dialect.
+_STEPS: list[tuple[int, str, list[str] | dict[str, list[str]]]] = [
     (1, "certificates, requests, status lists, audit trail", _V1),
     (2, "claims, CRL numbers, certificate kind and renewal chain", _V2),
+    (3, "operator certificates, base CRL of each shard", _V3),
 ]
 
 LATEST = _STEPS[-1][0]
@@ -162,7 +217,11 @@ def migrations(dialect: str) -> list[Migration]:
         raise ValueError(f"unknown SQL dialect {dialect!r} (known: {', '.join(DIALECTS)})")
     types = _TYPES[dialect]
     return [
-        Migration(version=v, description=d, statements=tuple(s.format(**types) for s in stmts))
+        Migration(
+            version=v,
+            description=d,
+            statements=tuple(s.format(**types) for s in (stmts[dialect] if isinstance(stmts, dict) else stmts)),
+        )
         for v, d, stmts in _STEPS
     ]
 
