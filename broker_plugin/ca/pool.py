@@ -21,6 +21,7 @@ replaced. This module knows nothing of the registry, MQTT or the service's decis
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import collections
 import contextlib
 import dataclasses
@@ -36,10 +37,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from protocol.codes import ErrorCode
+from protocol.codes import ErrorCode, Profile
 from protocol.errors import CertmqError
 
 from .datadir import AuthorityMaterial, authority_from_material
+from .policy import TenantPolicy, load_tenant_policy
 from .signing import SignJob, SignResult, TenantAuthority, run_job
 
 __all__ = ["ProcessPoolSigner", "SigningPoolError", "WorkerCrashed", "material_for"]
@@ -69,9 +71,27 @@ def material_for(authority: TenantAuthority, *, passphrase: bytes) -> AuthorityM
         raise SigningPoolError(f"tenant {authority.name!r}: key cannot be exported ({exc}); give its pkcs11: URI") from None
     pem_cert = serialization.Encoding.PEM
     return AuthorityMaterial(
-        name=authority.name, policy=authority.policy.model_dump(mode="json"), passphrase=passphrase, key_pem=pem,
+        name=authority.name, policy=_policy_dict(authority.policy), passphrase=passphrase, key_pem=pem,
         root_pem=authority.root.public_bytes(pem_cert), issuing_pem=authority.issuing.public_bytes(pem_cert),
     )
+
+
+def _plain(value: Any) -> Any:
+    # The inverse of the policy loader's parsing: durations as seconds, profiles by label.
+    if isinstance(value, dt.timedelta):
+        return int(value.total_seconds())
+    if isinstance(value, dict):
+        return {(k.label if isinstance(k, Profile) else k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _policy_dict(policy: TenantPolicy) -> dict[str, Any]:
+    """``policy`` as a mapping :func:`~.policy.load_tenant_policy` reads back to an equal policy."""
+    data = _plain(policy.model_dump())
+    assert load_tenant_policy(data) == policy, "tenant policy does not survive its own round trip"
+    return data  # type: ignore[no-any-return]
 
 
 # -- the worker process -------------------------------------------------------------------
