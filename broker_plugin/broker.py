@@ -1,0 +1,588 @@
+"""The hardened amqtt broker: mutual TLS, certificate-bound identity, ACL on every path, kicks.
+
+:class:`HardenedBroker` subclasses amqtt 0.12.1's ``Broker`` and replaces the
+connection lifecycle so that:
+
+- the TLS listener requires a client certificate (``ssl.CERT_REQUIRED``);
+- identity is computed from *this* connection's certificate on every CONNECT,
+  including a persistent-session resume (stock amqtt keeps the old
+  connection's ``ssl_object``, upstream issue #389); a session is only ever
+  resumed or taken over by the identity that created it;
+- the client id is bound to the identity (``client_id_hook``), refusal is
+  CONNACK 5 (not authorized);
+- retained messages pass the ACL (``receive``) on delivery, on subscribe and
+  on connect;
+- keep-alive is enforced: a client silent for 1.5 x its keep-alive is dropped
+  and its will published;
+- a second connection with the same client id closes the first;
+- a PUBLISH to a ``$`` topic is dropped, the client stays connected;
+- subscriptions are indexed in a :class:`~broker_plugin.topictrie.TopicTrie`;
+- :meth:`HardenedBroker.kick` closes live sessions, :meth:`HardenedBroker.deliver_to`
+  sends a message to one session only.
+
+The hooks are plain attributes, so a plugin loaded from the ``plugins:``
+section can install its own: ``HardenedBroker.of(self.context).acl_hook = ...``.
+
+This module knows amqtt and TLS; nothing about certmq's messages or CA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import partial
+from typing import Any, Literal
+
+from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
+from amqtt.broker import AMQTT_MAGIC_VALUE_RET_SUBSCRIBED, Broker, BrokerContext, Server
+from amqtt.contexts import Action, BrokerConfig, ListenerConfig, ListenerType
+from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
+from amqtt.events import BrokerEvents
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import Session
+from amqtt.utils import gen_client_id
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
+
+from .topictrie import TopicTrie, filter_matches, validate_filter
+
+__all__ = [
+    "AclAction",
+    "ConnectionInfo",
+    "HardenedBroker",
+    "PeerIdentity",
+    "allow_all",
+    "cn_is_client_id",
+    "default_identity",
+]
+
+_log = logging.getLogger(__name__)
+
+AclAction = Literal["publish", "subscribe", "receive"]
+IdentityHook = Callable[[x509.Certificate], Any]
+ClientIdHook = Callable[[Any, str], "bool | Awaitable[bool]"]
+AclHook = Callable[[Any, AclAction, str], "bool | Awaitable[bool]"]
+
+_ACTIONS: dict[Action, AclAction] = {
+    Action.PUBLISH: "publish",
+    Action.SUBSCRIBE: "subscribe",
+    Action.RECEIVE: "receive",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class PeerIdentity:
+    """What the default identity hook extracts from a client certificate."""
+
+    name: str
+    serial: int
+    fingerprint: bytes
+    certificate: x509.Certificate = field(compare=False, repr=False)
+
+    @property
+    def principal(self) -> str:
+        """Who owns sessions: the device (CN), so a renewed certificate resumes its own session."""
+        return self.name
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """A live connection, as seen by :meth:`HardenedBroker.kick` predicates."""
+
+    client_id: str
+    identity: Any
+    remote: tuple[str, int]
+    connected_at: datetime
+
+
+def _principal(identity: Any) -> Any:
+    return getattr(identity, "principal", identity)
+
+
+def default_identity(certificate: x509.Certificate) -> PeerIdentity | None:
+    """Identity = the certificate's (single) commonName; ``None`` (refuse) without one."""
+    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1 or not isinstance(names[0].value, str) or not names[0].value:
+        return None
+    return PeerIdentity(
+        name=names[0].value,
+        serial=certificate.serial_number,
+        fingerprint=certificate.fingerprint(hashes.SHA256()),
+        certificate=certificate,
+    )
+
+
+def cn_is_client_id(identity: Any, client_id: str) -> bool:
+    """Default client-id binding: the client id must equal the identity's ``name``."""
+    return isinstance(identity, PeerIdentity) and client_id == identity.name
+
+
+def allow_all(identity: Any, action: AclAction, topic: str) -> bool:
+    """Default ACL: everything allowed (the certmq plugin installs the real one)."""
+    return True
+
+
+async def _call(hook: Callable[..., Any], *args: Any) -> Any:
+    result = hook(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+class _HardenedHandler(BrokerProtocolHandler):
+    """Broker protocol handler that drops a client whose keep-alive timer expired."""
+
+    keepalive_expired = False
+
+    def handle_read_timeout(self) -> None:
+        # Stock amqtt logs and keeps reading forever; EOF ends the reader loop,
+        # which reports an abnormal close, so the will gets published.
+        self.keepalive_expired = True
+        if self.reader is not None:
+            self.reader.feed_eof()
+
+
+@dataclass(slots=True, eq=False)
+class _Connection:
+    info: ConnectionInfo
+    session: Session
+    handler: BrokerProtocolHandler
+    writer: WriterAdapter
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    suppress_will: bool = False
+
+
+def _abort(writer: WriterAdapter) -> None:
+    if isinstance(writer, StreamWriterAdapter):
+        transport = writer._writer.transport  # noqa: SLF001 - amqtt exposes no abort
+        transport.abort()
+
+
+class HardenedBroker(Broker):
+    """amqtt ``Broker`` with the certmq hardening (see the module docstring and docs/broker.md).
+
+    ``config``: an amqtt broker config (dict or ``BrokerConfig``); every bound
+    listener must be ``type: tcp`` with ``ssl: true`` and is served with
+    ``ssl_context``, whose ``verify_mode`` must be ``CERT_REQUIRED``. Without a
+    ``plugins`` key no plugin is loaded (amqtt's default set includes anonymous
+    auth). Hooks may be plain or async callables:
+
+    - ``identity_hook(certificate) -> identity | None``: ``None`` or an
+      exception refuses the connection (revoked, unknown tenant, ...);
+    - ``client_id_hook(identity, client_id) -> bool``;
+    - ``acl_hook(identity, action, topic) -> bool`` with action ``publish``,
+      ``subscribe`` (topic = the filter) or ``receive`` (every delivery,
+      retained ones included). Messages published by in-process code
+      (``broadcast_message``, :meth:`deliver_to`) skip the ``publish`` check.
+    """
+
+    def __init__(
+        self,
+        config: BrokerConfig | dict[str, Any],
+        *,
+        ssl_context: ssl.SSLContext,
+        identity_hook: IdentityHook = default_identity,
+        client_id_hook: ClientIdHook = cn_is_client_id,
+        acl_hook: AclHook = allow_all,
+        keepalive_factor: float = 1.5,
+        connect_timeout: float = 10.0,
+        kick_grace: float = 0.5,
+        stream_limit: int = 16 * 1024,
+    ) -> None:
+        if not isinstance(ssl_context, ssl.SSLContext) or ssl_context.verify_mode != ssl.CERT_REQUIRED:
+            raise ValueError("ssl_context must be an ssl.SSLContext with verify_mode CERT_REQUIRED")
+        if keepalive_factor < 1 or connect_timeout <= 0 or kick_grace <= 0 or stream_limit < 1024:
+            raise ValueError("keepalive_factor >= 1, connect_timeout > 0, kick_grace > 0, stream_limit >= 1024")
+        if isinstance(config, dict):
+            config = dict(config)
+            config.setdefault("plugins", {})
+            config = BrokerConfig.from_dict(config)
+        for name, listener in config.listeners.items():
+            if name == "default" and "bind" not in listener:
+                continue
+            if "bind" in listener and (listener.type != ListenerType.TCP or not listener.get("ssl", False)):
+                raise ValueError(f"listener {name!r}: the hardened broker serves TCP listeners with ssl: true only")
+        super().__init__(config)
+        self.identity_hook = identity_hook
+        self.client_id_hook = client_id_hook
+        self.acl_hook = acl_hook
+        self._ssl_context = ssl_context
+        self._keepalive_factor = keepalive_factor
+        self._connect_timeout = connect_timeout
+        self._kick_grace = kick_grace
+        self._stream_limit = stream_limit
+        self._trie = TopicTrie()
+        self._client_filters: dict[str, dict[str, int]] = {}
+        self._identities: dict[str, Any] = {}
+        self._live: dict[str, _Connection] = {}
+        self._register_lock = asyncio.Lock()
+        self._stopping = False
+
+    # -- public API ---------------------------------------------------------
+
+    @classmethod
+    def of(cls, context: BrokerContext) -> HardenedBroker:
+        """The hardened broker behind a plugin's ``context`` (``TypeError`` on a stock broker)."""
+        broker = getattr(context, "_broker_instance", None)
+        if not isinstance(broker, cls):
+            raise TypeError("this plugin needs broker_plugin.broker.HardenedBroker, not a stock amqtt Broker")
+        return broker
+
+    def identity_of(self, client_id: str) -> Any:
+        """The identity bound to ``client_id``'s session (live or persistent), or ``None``."""
+        return self._identities.get(client_id)
+
+    def connections(self) -> list[ConnectionInfo]:
+        """Every live connection."""
+        return [conn.info for conn in self._live.values()]
+
+    async def kick(self, target: str | Callable[[ConnectionInfo], bool], reason: str) -> list[str]:
+        """Close every live connection matching ``target`` (a client id or a predicate).
+
+        Returns the closed client ids. Each connection gets ``kick_grace``
+        seconds to close cleanly, then its transport is aborted, so this returns
+        well within a second. A kicked client's will is not published. Refusing
+        its reconnection is the identity hook's job.
+        """
+        if isinstance(target, str):
+            victims = [conn for cid, conn in self._live.items() if cid == target]
+        else:
+            victims = [conn for conn in self._live.values() if target(conn.info)]
+        for conn in victims:
+            _log.warning("kicking %s: %s", conn.info.client_id, reason)
+        await asyncio.gather(*(self._close(conn, suppress_will=True) for conn in victims))
+        return [conn.info.client_id for conn in victims]
+
+    async def deliver_to(self, client_id: str, topic: str, data: bytes, qos: int = 0) -> bool:
+        """Send one PUBLISH to ``client_id``'s live connection only; ``False`` if it is not connected.
+
+        Nothing is broadcast, retained or seen by other subscribers, and the ACL
+        is not consulted: the in-process caller decides. With QoS 1/2 this waits
+        for the client's acknowledgement.
+        """
+        if qos not in (0, 1, 2):
+            raise ValueError("qos must be 0, 1 or 2")
+        if not topic or "+" in topic or "#" in topic:
+            raise ValueError(f"invalid topic name {topic!r}")
+        conn = self._live.get(client_id)
+        if conn is None or conn.done.is_set():
+            return False
+        await conn.handler.mqtt_publish(topic, bytes(data), qos, retain=False)
+        return True
+
+    # -- listener -----------------------------------------------------------
+
+    def _create_ssl_context(self, listener: ListenerConfig) -> ssl.SSLContext:  # type: ignore[override]
+        return self._ssl_context
+
+    async def _create_server_instance(
+        self,
+        listener_name: str,
+        listener_type: ListenerType,
+        address: str | None,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+    ) -> Any:
+        if listener_type != ListenerType.TCP or ssl_context is None:
+            raise BrokerError(f"listener {listener_name!r} must be TLS over TCP")
+        return await asyncio.start_server(
+            partial(self.stream_connected, listener_name=listener_name),
+            address,
+            port,
+            reuse_address=True,
+            ssl=ssl_context,
+            ssl_handshake_timeout=self._connect_timeout,
+            limit=self._stream_limit,
+        )
+
+    def listen_port(self, listener_name: str = "default") -> int:
+        """The TCP port a listener is bound to (useful with ``bind: 127.0.0.1:0``)."""
+        server = self._servers[listener_name].instance
+        return int(server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+    # -- connection lifecycle -----------------------------------------------
+
+    async def _client_connected(self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter) -> None:
+        server = self._servers.get(listener_name)
+        if server is None:
+            raise BrokerError(f"Invalid listener name '{listener_name}'")
+        await server.acquire_connection()
+        try:
+            await self._serve(listener_name, server, reader, writer)
+        except (AMQTTError, MQTTError, NoDataError, ConnectionError) as exc:
+            _log.info("connection ended: %r", exc)
+        finally:
+            server.release_connection()
+
+    async def _refuse(self, writer: WriterAdapter, why: str) -> None:
+        _log.warning("connection refused: %s", why)
+        try:
+            await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+            await asyncio.wait_for(writer.close(), self._kick_grace)
+        except (OSError, asyncio.TimeoutError):
+            _abort(writer)
+
+    async def _serve(self, listener_name: str, server: Server, reader: ReaderAdapter, writer: WriterAdapter) -> None:
+        ssl_object = writer.get_ssl_info()
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        peer = writer.get_peer_info() or ("?", 0)
+        if not der:  # CERT_REQUIRED makes this unreachable; kept as defence in depth
+            _abort(writer)
+            return
+        try:
+            handler, incoming = await asyncio.wait_for(
+                _HardenedHandler.init_from_connect(reader, writer, self.plugins_manager), self._connect_timeout
+            )
+        except asyncio.TimeoutError:
+            _log.info("no CONNECT from %s:%s within %ss", peer[0], peer[1], self._connect_timeout)
+            _abort(writer)
+            return
+        try:
+            identity = await _call(self.identity_hook, x509.load_der_x509_certificate(der))
+        except Exception:  # noqa: BLE001 - a failing hook refuses, never crashes the listener
+            _log.exception("identity hook failed")
+            identity = None
+        if identity is None:
+            await self._refuse(writer, "certificate refused by the identity hook")
+            return
+        client_id = incoming.client_id or ""
+        try:
+            bound = bool(await _call(self.client_id_hook, identity, client_id))
+        except Exception:  # noqa: BLE001
+            _log.exception("client id hook failed")
+            bound = False
+        if not bound:
+            await self._refuse(writer, f"client id {client_id!r} not bound to {identity!r}")
+            return
+        if not client_id:
+            client_id = incoming.client_id = gen_client_id()
+
+        async with self._register_lock:
+            owner = self._identities.get(client_id)
+            if owner is not None and _principal(owner) != _principal(identity):
+                await self._refuse(writer, f"client id {client_id!r} belongs to another identity")
+                return
+            if not await self._authenticate(incoming, self.listeners_config[listener_name]):
+                await self._refuse(writer, "refused by an authentication plugin")
+                return
+            old = self._live.get(client_id)
+            if old is not None:
+                _log.warning("client %s connected again: closing its previous connection", client_id)
+                await self._close(old, suppress_will=False)
+            session = await self._adopt_session(incoming, client_id)
+            session.is_anonymous = False
+            if session.keep_alive > 0:
+                # the handler's read timeout is the keep-alive timer; float is fine for wait_for
+                session.keep_alive = session.keep_alive * self._keepalive_factor  # type: ignore[assignment]
+            self._identities[client_id] = identity
+            session.transitions.connect()
+            handler.attach(session, reader, writer)
+            self._sessions[client_id] = (session, handler)
+            conn = _Connection(
+                info=ConnectionInfo(
+                    client_id=client_id,
+                    identity=identity,
+                    remote=(str(peer[0]), int(peer[1])),
+                    connected_at=datetime.now(timezone.utc),
+                ),
+                session=session,
+                handler=handler,
+                writer=writer,
+            )
+            self._live[client_id] = conn
+            await handler.mqtt_connack_authorize(True)
+        try:
+            await self.plugins_manager.fire_event(
+                BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=session
+            )
+            await handler.start()
+            await self._publish_session_retained_messages(session)
+            for topic_filter, qos in list(self._client_filters.get(client_id, {}).items()):
+                await self._publish_retained_messages_for_subscription((topic_filter, qos), session)
+            await self._client_message_loop(session, handler)
+            if session.transitions.is_connected() and self._sessions.get(client_id, (None, None))[1] is handler:
+                # the loop gave up on a protocol violation without closing: close now
+                await self._stop_handler(handler)
+                session.transitions.disconnect()
+        finally:
+            conn.done.set()
+            if self._live.get(client_id) is conn:
+                del self._live[client_id]
+
+    async def _adopt_session(self, incoming: Session, client_id: str) -> Session:
+        if incoming.clean_session:
+            await self._delete_session(client_id)
+            incoming.parent = 0
+            return incoming
+        existing = self._sessions.get(client_id, (None, None))[0]
+        if existing is None:
+            incoming.parent = 0
+            return incoming
+        # Everything that describes the connection comes from this CONNECT,
+        # the TLS object included (stock amqtt forgets ssl_object: issue #389).
+        for name in (
+            "will_flag", "will_message", "will_topic", "will_qos", "will_retain",
+            "keep_alive", "username", "password", "ssl_object", "remote_address", "remote_port",
+        ):
+            setattr(existing, name, getattr(incoming, name))
+        existing.clean_session = False
+        existing.parent = 1
+        return existing
+
+    async def _close(self, conn: _Connection, *, suppress_will: bool) -> None:
+        conn.suppress_will = conn.suppress_will or suppress_will
+        if not conn.done.is_set():
+            await conn.handler.handle_connection_closed()
+            try:
+                await asyncio.wait_for(conn.done.wait(), self._kick_grace)
+            except asyncio.TimeoutError:
+                _abort(conn.writer)
+                try:
+                    await asyncio.wait_for(conn.done.wait(), self._kick_grace)
+                except asyncio.TimeoutError:
+                    _log.error("connection of %s did not end after abort", conn.info.client_id)
+
+    async def _handle_disconnect(self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: Any) -> None:
+        conn = self._live.get(client_session.client_id or "")
+        if conn is not None and conn.handler is handler and conn.suppress_will:
+            client_session.will_flag = False
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+
+    async def _authenticate(self, session: Session, listener: ListenerConfig) -> bool:
+        # The certificate already authenticated the client; plugins may still veto.
+        returns = await self.plugins_manager.map_plugin_auth(session=session)
+        results = [r for r in (returns or {}).values() if r is not None]
+        return all(results)
+
+    async def _delete_session(self, client_id: str) -> None:
+        await super()._delete_session(client_id)
+        self._identities.pop(client_id, None)
+
+    async def shutdown(self) -> None:
+        """Stop the broker, closing every connection."""
+        self._stopping = True
+        await super().shutdown()
+
+    async def _cleanup_session(self, client_id: str) -> None:
+        entry = self._sessions.get(client_id)
+        if entry is not None and entry[0].transitions.is_connected() and not self._stopping:
+            # the expiry monitor listed this id while disconnected; it has reconnected since
+            return
+        await super()._cleanup_session(client_id)
+        if client_id not in self._sessions:
+            self._identities.pop(client_id, None)
+
+    # -- ACL ----------------------------------------------------------------
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        client_id = session.client_id or ""
+        if client_id not in self._identities:
+            return False
+        try:
+            allowed = bool(await _call(self.acl_hook, self._identities[client_id], _ACTIONS[action], topic))
+        except Exception:  # noqa: BLE001 - a failing ACL denies
+            _log.exception("ACL hook failed")
+            return False
+        return allowed and await super()._topic_filtering(session, topic, action)
+
+    async def _handle_message_delivery(
+        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
+    ) -> bool:
+        message = wait_deliver.result()
+        topic = getattr(message, "topic", None)
+        if topic and topic.startswith("$") and "+" not in topic and "#" not in topic:
+            # '$' topics belong to the broker: drop the message, keep the client (stock disconnects).
+            _log.info("%s published to reserved topic %r: dropped", client_session.client_id, topic)
+            return True
+        return await super()._handle_message_delivery(client_session, handler, wait_deliver)
+
+    # -- subscriptions ------------------------------------------------------
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        topic_filter, qos = subscription
+        try:
+            validate_filter(topic_filter)
+        except ValueError:
+            return AMQTT_MAGIC_VALUE_RET_SUBSCRIBED
+        if not await self._topic_filtering(session, topic_filter, Action.SUBSCRIBE):
+            return AMQTT_MAGIC_VALUE_RET_SUBSCRIBED
+        max_qos = self.config.get("max-qos", qos)
+        qos = min(qos, max_qos) if isinstance(max_qos, int) else qos
+        client_id = session.client_id or ""
+        subscribers = self._subscriptions.setdefault(topic_filter, [])
+        for index, (existing, _old_qos) in enumerate(subscribers):
+            if existing.client_id == client_id:
+                subscribers[index] = (session, qos)
+                break
+        else:
+            subscribers.append((session, qos))
+        self._trie.add(topic_filter)
+        self._client_filters.setdefault(client_id, {})[topic_filter] = qos
+        return qos
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        subscribers = self._subscriptions.get(a_filter)
+        if not subscribers:
+            return 0
+        kept = [(s, q) for s, q in subscribers if s.client_id != session.client_id]
+        deleted = len(subscribers) - len(kept)
+        if kept:
+            self._subscriptions[a_filter] = kept
+        else:
+            del self._subscriptions[a_filter]
+            self._trie.discard(a_filter)
+        filters = self._client_filters.get(session.client_id or "")
+        if filters is not None:
+            filters.pop(a_filter, None)
+        return deleted
+
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        for topic_filter in list(self._client_filters.pop(session.client_id or "", {})):
+            self._del_subscription(topic_filter, session)
+
+    # -- delivery -----------------------------------------------------------
+
+    async def _run_broadcast(self, running_tasks: Any) -> None:
+        broadcast = await self._broadcast_queue.get()
+        topic = broadcast["topic"]
+        for topic_filter in self._trie.match(topic):
+            for target_session, sub_qos in list(self._subscriptions.get(topic_filter, ())):
+                qos = broadcast.get("qos", sub_qos)
+                if not await self._topic_filtering(target_session, topic=topic, action=Action.RECEIVE):
+                    continue
+                state = target_session.transitions.state
+                if state != "connected":
+                    if not target_session.clean_session and qos in (1, 2) and not target_session.is_anonymous:
+                        await self._retain_broadcast_message(broadcast, qos, target_session)
+                    continue
+                handler = self._get_handler(target_session)
+                if handler:
+                    running_tasks.append(
+                        asyncio.ensure_future(handler.mqtt_publish(topic, broadcast["data"], qos, retain=False))
+                    )
+
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Session) -> None:
+        topic_filter, qos = subscription
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        tasks = []
+        for topic, retained in list(self._retained_messages.items()):
+            if not filter_matches(topic_filter, topic):
+                continue
+            if not await self._topic_filtering(session, topic, Action.RECEIVE):
+                continue
+            tasks.append(
+                asyncio.ensure_future(
+                    handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)
+                )
+            )
+        if tasks:
+            await asyncio.wait(tasks)
