@@ -1,0 +1,891 @@
+"""The CA service core: given an authenticated identity, a topic and a payload, decide the replies
+and side effects.
+
+Adapters (the amqtt plugin, the MQTT 5 workers, the CLI) authenticate a peer, turn its client
+certificate into an :class:`Identity` with :meth:`CAService.identify`, and feed every publish to
+:meth:`CAService.handle` (or a batch of them to :meth:`CAService.handle_many`). What comes back is
+an :class:`Outcome`: the publishes to send, and the certificates a revocation took away (for
+session kicks and revocation feeds). The service never touches a socket, never reads the clock or
+a random source other than the ones it was given, and never signs: every CSR check and signature
+goes through ``signer.sign(jobs)``, one call per batch, so a process-pool backend keeps that work
+off the event loop.
+
+Rules (docs/wire-format.md section 7): every request gets exactly one reply on the response topic
+of its request topic, carrying its request id; an undecodable payload gets an Error without one;
+every refusal is appended to the audit trail with its reason; a certificate is committed to the
+registry before it is returned, and the same request id from the same identity never yields a
+second certificate.
+
+Decisions worth knowing:
+
+* **Whose topic a reply goes to.** A reply goes to the response topic of the request topic only
+  when that topic is the identity's own (its tenant; its device id or operator id; any ``prov``
+  topic for a claim credential). A request on somebody else's topic is refused and the Error goes
+  to the identity's *own* response topic (a claim credential has none: then only the audit trail
+  records it), so a misbehaving client can never make the CA publish into another device's or
+  tenant's topics.
+* **Possession of the registered key.** :meth:`CAService.identify` must be given the certificate
+  the peer authenticated with (TLS CertificateVerify proves possession of its key). That is also
+  what makes expired-certificate recovery safe: the handshake with the expired certificate proves
+  the device holds the registered key, so a recovery renewal may keep that key (``reuse_key``,
+  when the profile allows reuse) or rotate to a new one (a CSR, which proves its own key).
+* **Renewal keys.** ``reuse_key`` needs the profile's ``allow_key_reuse`` and a key younger than
+  ``max_key_age``. A CSR that carries the *current* key counts as key reuse and follows the same
+  rule (checked on the signer's result, so the event loop never parses a CSR).
+* **Claims.** A claim credential may not provision a device id that already has an active
+  operational (or factory) certificate: otherwise a leaked claim could clone a live device.
+* **Regions.** A certificate joins the region named in the provisioning parameters, else the
+  claim policy's region, else (for devices) the region of the certificate it authenticated with,
+  else the tenant's ``default_region``; with none of these it carries no region extension and is
+  filed under :data:`NO_REGION`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import enum
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import cbor2
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
+from protocol import statuslist
+from protocol.codec import decode, encode
+from protocol.codes import ErrorCode, Profile, RevocationReason
+from protocol.errors import CertmqError, DecodeError, LocalProtocolError, TopicError
+from protocol.messages import (
+    MAX_ERROR_TEXT_BYTES,
+    CertificateIssued,
+    CertificateRequest,
+    Error,
+    Message,
+    RenewalRequest,
+    RevocationRequest,
+    RevocationResult,
+    RevocationSnapshot,
+    SnapshotRequest,
+)
+from protocol.renewal import RenewalPolicy, RenewalWindow, renewal_window
+from protocol.topics import (
+    RESERVED_OPERATOR_IDS,
+    ParsedTopic,
+    TopicKind,
+    device_response_topic,
+    operator_response_topic,
+    parse_topic,
+    response_topic_for,
+    validate_identifier,
+)
+
+from ..store.audit import AuditEvent, AuditKind
+from ..store.base import (
+    CertificateKind,
+    CertificateRecord,
+    CertificateStatus,
+    ClaimRefused,
+    ClaimSpend,
+    DuplicateSerial,
+    Registry,
+    RequestIdReused,
+    RequestKey,
+    StatusDelta,
+    UnknownCertificate,
+    UnknownClaim,
+)
+from .claims import ClaimPolicy, load_claim_policy
+from .crl import build_crl
+from .issuer import random_serial
+from .policy import PolicyError, PolicyRefusal, ProfilePolicy
+from .signing import SigningBackend, SignJob, SignResult, TenantAuthority
+
+__all__ = [
+    "NO_REGION",
+    "CAService",
+    "Identity",
+    "IdentityKind",
+    "NotAuthorized",
+    "Outcome",
+    "Outgoing",
+    "UnknownStatusList",
+]
+
+log = logging.getLogger(__name__)
+
+#: Registry region of certificates issued without any region (no region extension).
+NO_REGION = "-"
+#: ``crl_numbers`` / ``crl_bases`` shard name of a tenant's whole-tenant CRL.
+_TENANT_SHARD = "*"
+_ASCII_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~-]*")
+_DEVICE_KINDS = (CertificateKind.OPERATIONAL, CertificateKind.FACTORY)
+
+
+class IdentityKind(enum.StrEnum):
+    """What an authenticated peer is: a device, a claim credential, or an operator."""
+
+    DEVICE = "device"
+    BOOTSTRAP = "bootstrap"
+    OPERATOR = "operator"
+
+
+_KIND_OF_RECORD = {
+    CertificateKind.OPERATIONAL: IdentityKind.DEVICE,
+    CertificateKind.FACTORY: IdentityKind.DEVICE,
+    CertificateKind.BOOTSTRAP: IdentityKind.BOOTSTRAP,
+    CertificateKind.OPERATOR: IdentityKind.OPERATOR,
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Identity:
+    """An authenticated peer, as :meth:`CAService.identify` found it in the registry.
+
+    ``name`` is the device id, the claim id (bootstrap) or the operator id: the certificate's CN.
+    """
+
+    tenant: str
+    kind: IdentityKind
+    name: str
+    serial: int
+    spki_sha256: bytes
+    not_before: dt.datetime
+    not_after: dt.datetime
+
+    @property
+    def key(self) -> str:
+        """The identity as idempotency keys and the audit trail name it: ``device:sensor-1``."""
+        return f"{self.kind}:{self.name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Outgoing:
+    """One publish the adapter must send."""
+
+    topic: str
+    payload: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What handling one request decided: replies to publish, and what a revocation took away."""
+
+    replies: tuple[Outgoing, ...]
+    revoked: tuple[CertificateRecord, ...] = ()
+    deltas: tuple[StatusDelta, ...] = ()
+
+
+class NotAuthorized(CertmqError):
+    """A certificate that may not act (unknown CA or serial, revoked, expired, not yet valid)."""
+
+    def __init__(self, code: ErrorCode, text: str) -> None:
+        super().__init__(f"{code.name}: {text}")
+        self.code = code
+        self.text = text
+
+
+class UnknownStatusList(CertmqError, LookupError):
+    """No status list with that id in that tenant's region."""
+
+    code = ErrorCode.UNKNOWN_CERTIFICATE
+
+
+@dataclasses.dataclass(kw_only=True)
+class _Pending:
+    """A request that passed every check the service makes itself and now needs a signature."""
+
+    identity: Identity
+    reply_topic: str | None
+    topic: str
+    request_id: bytes | None
+    job: SignJob
+    kind: CertificateKind
+    region: str
+    request: RequestKey | None
+    claim: ClaimSpend | None = None
+    replaced_serial: int | None = None
+    same_key_refusal: tuple[bytes, str] | None = None  # (spki, text): refuse a CSR carrying this key
+    audit_kind: str = AuditKind.ISSUE
+    actor: str = ""
+
+
+def _whole_seconds(value: dt.datetime) -> dt.datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("the service clock must return aware datetimes")
+    return value.astimezone(dt.UTC).replace(microsecond=0)
+
+
+def _fingerprint(*parts: object) -> bytes:
+    # Canonical CBOR of the request's meaningful fields: the same request always hashes the same.
+    return hashlib.sha256(b"certmq-request-v1\0" + cbor2.dumps(list(parts), canonical=True)).digest()
+
+
+def _text(value: str) -> str:
+    return value.encode("utf-8", "replace")[:MAX_ERROR_TEXT_BYTES].decode("utf-8", "ignore")
+
+
+def _check_region(region: str) -> str:
+    try:
+        validate_identifier(region, what="region")
+    except LocalProtocolError as exc:
+        raise PolicyRefusal(ErrorCode.MALFORMED, str(exc)) from None
+    if not _ASCII_ID.fullmatch(region):
+        raise PolicyRefusal(
+            ErrorCode.MALFORMED, f"region {region!r} may use only ASCII letters, digits and . _ ~ - (starting alnum)"
+        )
+    return region
+
+
+class CAService:
+    """The CA's decisions for any number of tenants, over one registry and one signing backend.
+
+    ``clock`` returns aware UTC datetimes (truncated to whole seconds here); ``rng_bytes`` draws
+    serials. ``crl_lifetime`` is the time from a CRL's thisUpdate to its nextUpdate.
+    """
+
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        authorities: Mapping[str, TenantAuthority],
+        signer: SigningBackend,
+        clock: Callable[[], dt.datetime],
+        rng_bytes: Callable[[int], bytes] = os.urandom,
+        crl_lifetime: dt.timedelta = dt.timedelta(days=1),
+    ) -> None:
+        for name, authority in authorities.items():
+            if authority.name != name or authority.policy.name != name:
+                raise ValueError(f"authority registered as {name!r} is for tenant {authority.name!r}")
+        if crl_lifetime <= dt.timedelta(0):
+            raise ValueError("crl_lifetime must be positive")
+        self._registry = registry
+        self._authorities = dict(authorities)
+        self._signer = signer
+        self._clock = clock
+        self._rng = rng_bytes
+        self._crl_lifetime = crl_lifetime
+
+    def _now(self) -> dt.datetime:
+        return _whole_seconds(self._clock())
+
+    def _authority(self, tenant: str) -> TenantAuthority:
+        try:
+            return self._authorities[tenant]
+        except KeyError:
+            raise ValueError(f"unknown tenant {tenant!r} (known: {', '.join(sorted(self._authorities))})") from None
+
+    # ------------------------------------------------------------------ identification
+
+    async def identify(self, certificate: x509.Certificate, *, allow_expired: bool = False) -> Identity:
+        """The :class:`Identity` of a peer that authenticated with ``certificate``.
+
+        The tenant is the one whose issuing CA *signed* the certificate (names are not trusted);
+        the registry must hold exactly this certificate, active and within its validity.
+        ``allow_expired`` admits an expired certificate (the recovery path: :meth:`handle` then
+        allows nothing but a renewal within the profile's recovery window). Raises
+        :class:`NotAuthorized` (code ``NOT_AUTHORIZED`` or ``CERTIFICATE_REVOKED``); refusals of a
+        certificate of a known tenant are audited.
+        """
+        tenant = None
+        for name, authority in self._authorities.items():
+            try:
+                certificate.verify_directly_issued_by(authority.issuing)
+            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+                continue
+            tenant = name
+            break
+        if tenant is None:
+            raise NotAuthorized(ErrorCode.NOT_AUTHORIZED, "certificate was not issued by any tenant's issuing CA")
+        now = self._now()
+        serial = certificate.serial_number
+        record = await self._registry.get_certificate(tenant, serial) if serial > 0 else None
+        der = certificate.public_bytes(serialization.Encoding.DER)
+        problem: tuple[ErrorCode, str] | None = None
+        if record is None or record.der != der:
+            problem = ErrorCode.NOT_AUTHORIZED, f"certificate {serial:x} is not in tenant {tenant!r}'s registry"
+        elif record.status is CertificateStatus.REVOKED:
+            problem = ErrorCode.CERTIFICATE_REVOKED, f"certificate {serial:x} is revoked"
+        elif now < record.not_before:
+            problem = ErrorCode.NOT_AUTHORIZED, f"certificate {serial:x} is not valid before {record.not_before.isoformat()}"
+        elif now > record.not_after and not allow_expired:
+            problem = ErrorCode.NOT_AUTHORIZED, f"certificate {serial:x} expired at {record.not_after.isoformat()}"
+        if problem is not None:
+            code, text = problem
+            await self._audit_refusal(tenant, "certificate", f"{serial:x}", code, text, now, {"stage": "identify"})
+            raise NotAuthorized(code, text)
+        assert record is not None
+        return Identity(
+            tenant=tenant,
+            kind=_KIND_OF_RECORD[record.kind],
+            name=record.device_id,
+            serial=record.serial,
+            spki_sha256=record.spki_sha256,
+            not_before=record.not_before,
+            not_after=record.not_after,
+        )
+
+    # ------------------------------------------------------------------ requests
+
+    async def handle(self, identity: Identity, topic: str, payload: bytes) -> Outcome:
+        """Handle one publish of ``identity`` on ``topic``; exactly one reply unless none can be addressed."""
+        return (await self.handle_many([(identity, topic, payload)]))[0]
+
+    async def handle_many(self, items: Sequence[tuple[Identity, str, bytes]]) -> list[Outcome]:
+        """Handle a batch; every signature of the batch goes to one ``signer.sign`` call.
+
+        Outcomes come back in the order of ``items``.
+        """
+        now = self._now()
+        prepared = await asyncio.gather(*(self._prepare(ident, topic, payload, now) for ident, topic, payload in items))
+        pending = [p for p in prepared if isinstance(p, _Pending)]
+        results: list[SignResult] | None = None
+        if pending:
+            try:
+                results = await self._signer.sign([p.job for p in pending])
+                if len(results) != len(pending):
+                    raise RuntimeError(f"signer returned {len(results)} results for {len(pending)} jobs")
+            except Exception:  # a broken backend: every request of the batch gets a transient error
+                log.exception("signing backend failed for a batch of %d jobs", len(pending))
+                results = None
+        finished: dict[int, Outcome] = {}
+        if pending:
+            if results is None:
+                outs = await asyncio.gather(*(
+                    self._refuse(p.identity, p.reply_topic, p.request_id, ErrorCode.INTERNAL,
+                                 "signing backend unavailable; retry later", p.topic, now)
+                    for p in pending
+                ))
+            else:
+                outs = await asyncio.gather(*(self._finish(p, r, now) for p, r in zip(pending, results)))
+            finished = {id(p): o for p, o in zip(pending, outs)}
+        return [finished[id(p)] if isinstance(p, _Pending) else p for p in prepared]
+
+    def _reply_topic(self, identity: Identity, parsed: ParsedTopic | None) -> str | None:
+        if parsed is not None and parsed.tenant == identity.tenant:
+            own = (
+                (identity.kind is IdentityKind.DEVICE and parsed.kind is TopicKind.DEVICE_REQUEST
+                 and parsed.device_id == identity.name)
+                or (identity.kind is IdentityKind.OPERATOR and parsed.kind is TopicKind.OPERATOR_REQUEST
+                    and parsed.operator_id == identity.name)
+                or (identity.kind is IdentityKind.BOOTSTRAP and parsed.kind is TopicKind.PROVISIONING_REQUEST)
+            )
+            if own:
+                return response_topic_for(parsed)
+        try:
+            if identity.kind is IdentityKind.DEVICE:
+                return device_response_topic(identity.tenant, identity.name)
+            if identity.kind is IdentityKind.OPERATOR:
+                return operator_response_topic(identity.tenant, identity.name)
+        except LocalProtocolError:
+            return None
+        return None  # a claim credential has no topic of its own
+
+    async def _prepare(self, identity: Identity, topic: str, payload: bytes, now: dt.datetime) -> Outcome | _Pending:
+        try:
+            parsed: ParsedTopic | None = parse_topic(topic)
+        except TopicError:
+            parsed = None
+        reply_topic = self._reply_topic(identity, parsed)
+        try:
+            message = decode(payload)
+        except DecodeError as exc:
+            return await self._refuse(identity, reply_topic, None, exc.code, f"undecodable payload: {exc}", topic, now)
+        request_id: bytes | None = getattr(message, "request_id", None)
+        try:
+            self._authorize(identity, parsed, message, now)
+            assert parsed is not None
+            if isinstance(message, CertificateRequest) and identity.kind is IdentityKind.BOOTSTRAP:
+                return await self._claim(identity, parsed, message, reply_topic, topic, now)
+            if isinstance(message, CertificateRequest):
+                return await self._new_profile(identity, message, reply_topic, topic, now)
+            if isinstance(message, RenewalRequest):
+                return await self._renewal(identity, message, reply_topic, topic, now)
+            if isinstance(message, RevocationRequest):
+                return await self._revocation(identity, message, reply_topic, now)
+            assert isinstance(message, SnapshotRequest)
+            return await self._snapshot_request(identity, message, reply_topic)
+        except PolicyRefusal as refusal:
+            return await self._refuse(identity, reply_topic, request_id, refusal.code, refusal.text, topic, now)
+        except Exception:  # a registry or programming fault: a transient error, never silence
+            log.exception("request of %s on %s failed", identity.key, topic)
+            return await self._refuse(identity, reply_topic, request_id, ErrorCode.INTERNAL,
+                                      "internal error; retry later", topic, now)
+
+    def _authorize(self, identity: Identity, parsed: ParsedTopic | None, message: Message, now: dt.datetime) -> None:
+        def refuse(text: str) -> PolicyRefusal:
+            return PolicyRefusal(ErrorCode.NOT_AUTHORIZED, text)
+
+        if parsed is None:
+            raise refuse("not a certmq request topic")
+        if parsed.tenant != identity.tenant:
+            raise refuse(f"an identity of tenant {identity.tenant!r} may not use tenant {parsed.tenant!r}'s topics")
+        if identity.tenant not in self._authorities:
+            raise refuse(f"tenant {identity.tenant!r} is not served here")
+        kind, name = identity.kind, identity.name
+        if kind is IdentityKind.DEVICE:
+            if parsed.kind is not TopicKind.DEVICE_REQUEST or parsed.device_id != name:
+                raise refuse(f"device {name!r} may only publish requests on its own dev/{name}/req topic")
+            allowed: tuple[type, ...] = (CertificateRequest, RenewalRequest, SnapshotRequest)
+        elif kind is IdentityKind.BOOTSTRAP:
+            if parsed.kind is not TopicKind.PROVISIONING_REQUEST:
+                raise refuse("a claim credential may only publish on provisioning (prov/{device_id}/req) topics")
+            allowed = (CertificateRequest,)
+        else:
+            if parsed.kind is not TopicKind.OPERATOR_REQUEST or parsed.operator_id != name:
+                raise refuse(f"operator {name!r} may only publish requests on its own ops/{name}/req topic")
+            allowed = (RevocationRequest, SnapshotRequest)
+        if not isinstance(message, allowed):
+            raise refuse(f"a {kind} identity may not send {type(message).__name__}")
+        if now < identity.not_before:
+            raise refuse("the authenticating certificate is not valid yet")
+        if now > identity.not_after and not isinstance(message, RenewalRequest):
+            raise refuse("the authenticating certificate has expired: only a renewal (recovery) is possible")
+
+    async def _refuse(
+        self, identity: Identity, reply_topic: str | None, request_id: bytes | None, code: ErrorCode | int,
+        text: str, topic: str, now: dt.datetime,
+    ) -> Outcome:
+        details = {"code": int(code), "request_id": request_id, "topic": topic[:200]}
+        try:
+            await self._audit_refusal(identity.tenant, identity.key, identity.name, code, text, now, details)
+        except Exception:  # the reply still goes out: the device must not hang on our audit trouble
+            log.exception("could not audit a refusal of %s", identity.key)
+        if reply_topic is None:
+            return Outcome(replies=())
+        payload = encode(Error(code=code, text=_text(text), request_id=request_id))
+        return Outcome(replies=(Outgoing(reply_topic, payload),))
+
+    async def _audit_refusal(
+        self, tenant: str, actor: str, subject: str, code: ErrorCode | int, text: str, now: dt.datetime,
+        details: Mapping[str, Any],
+    ) -> None:
+        name = code.name if isinstance(code, ErrorCode) else str(int(code))
+        await self._registry.audit_refusal(AuditEvent(
+            kind=AuditKind.REFUSE, actor=actor, subject=subject, time=now, tenant=tenant,
+            details={**details, "code": int(code), "code_name": name, "reason": text},
+        ))
+
+    async def _replay(self, identity: Identity, request_id: bytes, fingerprint: bytes) -> CertificateRecord | None:
+        found = await self._registry.find_request(identity.tenant, identity.key, request_id)
+        if found is None:
+            return None
+        if found[0] != fingerprint:
+            raise PolicyRefusal(ErrorCode.REQUEST_ID_REUSED,
+                                f"request id {request_id.hex()} was already used for a different request")
+        return found[1]
+
+    def _issued(self, record: CertificateRecord, request_id: bytes, reply_topic: str | None) -> Outcome:
+        if reply_topic is None:
+            return Outcome(replies=())
+        authority = self._authority(record.tenant)
+        try:
+            profile_policy = authority.policy.profile(Profile.from_label(record.profile))
+        except (PolicyRefusal, ValueError):
+            profile_policy = None
+        message = CertificateIssued(
+            request_id=request_id, certificate=record.der, chain=authority.chain_der(),
+            renewal_window=_suggested_window(record, profile_policy),
+        )
+        return Outcome(replies=(Outgoing(reply_topic, encode(message)),))
+
+    async def _slot(self, tenant: str, region: str) -> tuple[int, int]:
+        capacity = self._authority(tenant).policy.status_list_capacity
+        return await self._registry.allocate_status_index(tenant, region, capacity)
+
+    def _region(self, tenant: str, *choices: str | None) -> str:
+        for choice in choices:
+            if choice is not None:
+                return _check_region(choice)
+        default = self._authority(tenant).policy.default_region
+        return NO_REGION if default is None else default
+
+    def _job(
+        self, tenant: str, device_id: str, profile: Profile, region: str, slot: tuple[int, int], now: dt.datetime,
+        *, csr: bytes | None = None, public_key_der: bytes | None = None,
+    ) -> SignJob:
+        return SignJob(
+            tenant=tenant, device_id=device_id, profile=profile, serial=random_serial(self._rng), not_before=now,
+            csr_der=csr, public_key_der=public_key_der, status_position=slot,
+            region=None if region == NO_REGION else region,
+        )
+
+    # -- the three issuance flows
+
+    async def _claim(
+        self, identity: Identity, parsed: ParsedTopic, message: CertificateRequest, reply_topic: str | None,
+        topic: str, now: dt.datetime,
+    ) -> Outcome | _Pending:
+        device_id = parsed.device_id
+        assert device_id is not None
+        prov = message.provisioning
+        if prov is not None and prov.device_id is not None and prov.device_id != device_id:
+            raise PolicyRefusal(ErrorCode.IDENTITY_MISMATCH,
+                                f"provisioning names device {prov.device_id!r} on the topic of {device_id!r}")
+        region_asked = prov.region if prov is not None else None
+        fingerprint = _fingerprint(int(message.TYPE), int(message.profile), message.csr, device_id, region_asked)
+        done = await self._replay(identity, message.request_id, fingerprint)
+        if done is not None:
+            return self._issued(done, message.request_id, reply_topic)
+        stored = await self._registry.get_claim(identity.tenant, identity.name)
+        if stored is None:
+            raise PolicyRefusal(ErrorCode.CLAIM_REFUSED, f"no claim policy is registered for {identity.name!r}")
+        try:
+            policy = load_claim_policy(stored.policy)
+        except PolicyError as exc:
+            raise PolicyRefusal(ErrorCode.CLAIM_REFUSED, f"the stored claim policy is unusable: {exc}") from None
+        if policy.expired(now):
+            raise PolicyRefusal(ErrorCode.CLAIM_REFUSED,
+                                f"claim {identity.name!r} expired at {policy.not_after.isoformat()}")
+        if not policy.allows(device_id):
+            raise PolicyRefusal(ErrorCode.CLAIM_REFUSED, f"claim {identity.name!r} may not claim device {device_id!r}")
+        if stored.uses >= policy.max_uses:
+            raise PolicyRefusal(ErrorCode.CLAIM_REFUSED,
+                                f"claim {identity.name!r} has used all {policy.max_uses} of its uses")
+        live = await self._registry.certificates_for_device(identity.tenant, device_id, active_only=True)
+        if any(r.kind in _DEVICE_KINDS for r in live):
+            raise PolicyRefusal(ErrorCode.CLAIM_REFUSED,
+                                f"device {device_id!r} is already provisioned; revoke its certificates first")
+        region = self._region(identity.tenant, region_asked, policy.region)
+        slot = await self._slot(identity.tenant, region)
+        return _Pending(
+            identity=identity, reply_topic=reply_topic, topic=topic, request_id=message.request_id,
+            job=self._job(identity.tenant, device_id, message.profile, region, slot, now, csr=message.csr),
+            kind=CertificateKind.OPERATIONAL, region=region,
+            request=RequestKey(identity=identity.key, request_id=message.request_id, fingerprint=fingerprint),
+            claim=ClaimSpend(claim_id=identity.name, max_uses=policy.max_uses),
+            audit_kind=AuditKind.CLAIM, actor=identity.key,
+        )
+
+    async def _new_profile(
+        self, identity: Identity, message: CertificateRequest, reply_topic: str | None, topic: str,
+        now: dt.datetime,
+    ) -> Outcome | _Pending:
+        prov = message.provisioning
+        if prov is not None and prov.device_id is not None and prov.device_id != identity.name:
+            raise PolicyRefusal(ErrorCode.IDENTITY_MISMATCH,
+                                f"device {identity.name!r} asked for a certificate of {prov.device_id!r}")
+        region_asked = prov.region if prov is not None else None
+        fingerprint = _fingerprint(int(message.TYPE), int(message.profile), message.csr, identity.name, region_asked)
+        done = await self._replay(identity, message.request_id, fingerprint)
+        if done is not None:
+            return self._issued(done, message.request_id, reply_topic)
+        self._authority(identity.tenant).policy.profile(message.profile)  # UNKNOWN_PROFILE before a slot
+        own = await self._registry.get_certificate(identity.tenant, identity.serial)
+        own_region = None if own is None or own.region == NO_REGION else own.region
+        region = self._region(identity.tenant, region_asked, own_region)
+        slot = await self._slot(identity.tenant, region)
+        return _Pending(
+            identity=identity, reply_topic=reply_topic, topic=topic, request_id=message.request_id,
+            job=self._job(identity.tenant, identity.name, message.profile, region, slot, now, csr=message.csr),
+            kind=CertificateKind.OPERATIONAL, region=region,
+            request=RequestKey(identity=identity.key, request_id=message.request_id, fingerprint=fingerprint),
+            actor=identity.key,
+        )
+
+    async def _renewal(
+        self, identity: Identity, message: RenewalRequest, reply_topic: str | None, topic: str, now: dt.datetime,
+    ) -> Outcome | _Pending:
+        fingerprint = _fingerprint(int(message.TYPE), int(message.profile), message.current_serial,
+                                   message.csr, message.reuse_key)
+        done = await self._replay(identity, message.request_id, fingerprint)
+        if done is not None:
+            return self._issued(done, message.request_id, reply_topic)
+        tenant, serial = identity.tenant, message.current_serial
+        record = await self._registry.get_certificate(tenant, serial)
+        if record is None or record.device_id != identity.name or record.kind not in _DEVICE_KINDS:
+            raise PolicyRefusal(ErrorCode.UNKNOWN_CERTIFICATE, f"device {identity.name!r} has no certificate {serial:x}")
+        if record.profile != message.profile.label:
+            raise PolicyRefusal(ErrorCode.UNKNOWN_CERTIFICATE,
+                                f"certificate {serial:x} is a {record.profile} certificate, not {message.profile.label}")
+        if record.status is CertificateStatus.REVOKED:
+            raise PolicyRefusal(ErrorCode.CERTIFICATE_REVOKED, f"certificate {serial:x} is revoked")
+        profile_policy = self._authority(tenant).policy.profile(message.profile)
+        if now > identity.not_after and identity.serial != serial:
+            raise PolicyRefusal(ErrorCode.NOT_AUTHORIZED,
+                                "an expired certificate may only renew itself (recovery), not another certificate")
+        if now > record.not_after:
+            limit = record.not_after + profile_policy.expired_recovery
+            if now > limit:
+                allowed = (f"only {profile_policy.expired_recovery} after expiry (until {limit.isoformat()})"
+                           if profile_policy.expired_recovery else "no recovery after expiry")
+                raise PolicyRefusal(
+                    ErrorCode.RECOVERY_WINDOW_PASSED,
+                    f"certificate {serial:x} expired at {record.not_after.isoformat()}; the "
+                    f"{message.profile.label} profile allows {allowed}: re-provision with a claim credential",
+                )
+        history = await self._registry.certificates_for_device(tenant, identity.name, profile=record.profile)
+        first = min((r.issued_at for r in history if r.spki_sha256 == record.spki_sha256), default=record.issued_at)
+        rotate = profile_policy.must_rotate(key_first_certified=first, now=now)
+        why = (f"the {message.profile.label} profile does not allow key reuse on renewal"
+               if not profile_policy.allow_key_reuse else
+               f"the current key was first certified at {first.isoformat()}, longer ago than max_key_age "
+               f"{profile_policy.max_key_age}")
+        slot_region = record.region
+        if message.reuse_key:
+            if rotate:
+                raise PolicyRefusal(ErrorCode.KEY_REJECTED, f"{why}: send a CSR for a new key")
+            public_key_der = x509.load_der_x509_certificate(record.der).public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            slot = await self._slot(tenant, slot_region)
+            job = self._job(tenant, identity.name, message.profile, slot_region, slot, now,
+                            public_key_der=public_key_der)
+        else:
+            slot = await self._slot(tenant, slot_region)
+            job = self._job(tenant, identity.name, message.profile, slot_region, slot, now, csr=message.csr)
+        return _Pending(
+            identity=identity, reply_topic=reply_topic, topic=topic, request_id=message.request_id, job=job,
+            kind=CertificateKind.OPERATIONAL, region=slot_region,
+            request=RequestKey(identity=identity.key, request_id=message.request_id, fingerprint=fingerprint),
+            replaced_serial=serial, audit_kind=AuditKind.RENEW, actor=identity.key,
+            same_key_refusal=(record.spki_sha256, f"the CSR carries the current key; {why}") if rotate else None,
+        )
+
+    async def _finish(self, pending: _Pending, result: SignResult, now: dt.datetime) -> Outcome:
+        identity = pending.identity
+        try:
+            if not result.ok:
+                raise PolicyRefusal(ErrorCode(result.refusal_code or ErrorCode.INTERNAL), result.refusal_text)
+            assert result.der is not None and result.spki_sha256 is not None
+            if pending.same_key_refusal is not None and result.spki_sha256 == pending.same_key_refusal[0]:
+                raise PolicyRefusal(ErrorCode.KEY_REJECTED, pending.same_key_refusal[1])
+            record = _record(pending, result)
+            audit = AuditEvent(
+                kind=pending.audit_kind, actor=pending.actor, subject=record.device_id, time=now,
+                tenant=record.tenant, details=_issue_details(record, pending),
+            )
+            try:
+                stored = await self._registry.commit_issuance(
+                    record, request=pending.request, audit=audit, claim=pending.claim
+                )
+            except RequestIdReused as exc:
+                raise PolicyRefusal(ErrorCode.REQUEST_ID_REUSED, str(exc)) from None
+            except (ClaimRefused, UnknownClaim) as exc:
+                raise PolicyRefusal(ErrorCode.CLAIM_REFUSED, str(exc)) from None
+            except DuplicateSerial as exc:
+                raise PolicyRefusal(ErrorCode.INTERNAL, f"retry: {exc}") from None
+        except PolicyRefusal as refusal:
+            return await self._refuse(identity, pending.reply_topic, pending.request_id, refusal.code,
+                                      refusal.text, pending.topic, now)
+        except Exception:
+            log.exception("committing a certificate for %s failed", identity.key)
+            return await self._refuse(identity, pending.reply_topic, pending.request_id, ErrorCode.INTERNAL,
+                                      "internal error; retry later", pending.topic, now)
+        assert pending.request_id is not None
+        return self._issued(stored, pending.request_id, pending.reply_topic)
+
+    # -- operators and feeds
+
+    async def _revocation(
+        self, identity: Identity, message: RevocationRequest, reply_topic: str | None, now: dt.datetime
+    ) -> Outcome:
+        outcome = await self._revoke(
+            tenant=identity.tenant, reason=message.reason, actor=identity.key, serial=message.serial,
+            device_id=message.device_id, profile=message.profile, now=now,
+            details={"request_id": message.request_id},
+        )
+        reply = RevocationResult(request_id=message.request_id, serials=tuple(r.serial for r in outcome.revoked))
+        replies = () if reply_topic is None else (Outgoing(reply_topic, encode(reply)),)
+        return Outcome(replies=replies, revoked=outcome.revoked, deltas=outcome.deltas)
+
+    async def _snapshot_request(
+        self, identity: Identity, message: SnapshotRequest, reply_topic: str | None
+    ) -> Outcome:
+        own = await self._registry.get_certificate(identity.tenant, identity.serial)
+        if own is None:
+            raise PolicyRefusal(ErrorCode.UNKNOWN_CERTIFICATE, "the authenticating certificate is not registered")
+        list_id = message.list_id if message.list_id is not None else own.status_list_id
+        if list_id is None:
+            raise PolicyRefusal(ErrorCode.UNKNOWN_CERTIFICATE, "this certificate has no status list: name a list id")
+        try:
+            snap = await self.snapshot(tenant=identity.tenant, region=own.region, list_id=list_id)
+        except UnknownStatusList as exc:
+            raise PolicyRefusal(ErrorCode.UNKNOWN_CERTIFICATE, str(exc)) from None
+        return Outcome(replies=() if reply_topic is None else (Outgoing(reply_topic, encode(snap)),))
+
+    # ------------------------------------------------------------------ operator API
+
+    async def issue_direct(
+        self, *, tenant: str, device_id: str, profile: Profile, csr_der: bytes, kind: CertificateKind,
+        region: str | None = None, actor: str,
+    ) -> CertificateRecord:
+        """Issue and commit one certificate without a device request: factory batch signing,
+        claim (``bootstrap``: ``device_id`` is the claim id) and operator certificates.
+
+        The CSR is checked like any other (proof of possession, identity, key policy). Raises
+        :class:`~.policy.PolicyRefusal` (with its wire code) when refused, ``ValueError`` for an
+        unknown tenant or an unusable id. Audited as an ``issue`` by ``actor``.
+        """
+        kind = CertificateKind(kind)
+        authority = self._authority(tenant)
+        what = {CertificateKind.BOOTSTRAP: "claim id", CertificateKind.OPERATOR: "operator id"}.get(kind, "device id")
+        reserved = RESERVED_OPERATOR_IDS if kind is CertificateKind.OPERATOR else frozenset()
+        validate_identifier(device_id, what=what, reserved=reserved)
+        if not isinstance(actor, str) or not actor:
+            raise ValueError("actor must name who issues the certificate")
+        authority.policy.profile(Profile(profile))
+        now = self._now()
+        chosen = self._region(tenant, region)
+        slot = await self._slot(tenant, chosen)
+        job = self._job(tenant, device_id, Profile(profile), chosen, slot, now, csr=csr_der)
+        [result] = await self._signer.sign([job])
+        if not result.ok:
+            raise PolicyRefusal(ErrorCode(result.refusal_code or ErrorCode.INTERNAL), result.refusal_text)
+        pending = _Pending(
+            identity=Identity(tenant=tenant, kind=IdentityKind.OPERATOR, name=actor, serial=1,
+                              spki_sha256=bytes(32), not_before=now, not_after=now),
+            reply_topic=None, topic="", request_id=None, job=job, kind=kind, region=chosen, request=None,
+            actor=actor,
+        )
+        record = _record(pending, result)
+        audit = AuditEvent(kind=AuditKind.ISSUE, actor=actor, subject=device_id, time=now, tenant=tenant,
+                           details=_issue_details(record, pending))
+        return await self._registry.commit_issuance(record, request=None, audit=audit)
+
+    async def register_claim(
+        self, *, tenant: str, claim_id: str, policy: ClaimPolicy | Mapping[str, Any], actor: str
+    ) -> None:
+        """Store (or replace) the policy of claim credential ``claim_id``; audited as a policy change.
+
+        ``policy`` may be a mapping: :class:`~.policy.PolicyError` lists every bad field.
+        """
+        self._authority(tenant)
+        validate_identifier(claim_id, what="claim id")
+        checked = load_claim_policy(policy)
+        now = self._now()
+        data = checked.model_dump(mode="json")
+        await self._registry.put_claim(tenant, claim_id, data, audit=AuditEvent(
+            kind=AuditKind.POLICY, actor=actor, subject=claim_id, time=now, tenant=tenant,
+            details={"claim_policy": data},
+        ))
+
+    async def revoke(
+        self, *, tenant: str, reason: RevocationReason, actor: str, serial: int | None = None,
+        device_id: str | None = None, profile: Profile | None = None,
+    ) -> Outcome:
+        """Revoke by ``serial``, by ``device_id`` (optionally narrowed to ``profile``), or every
+        certificate of ``profile`` in the tenant. The Outcome has no replies; ``revoked`` and
+        ``deltas`` feed kicks and revocation feeds. An unknown serial raises
+        :class:`~..store.base.UnknownCertificate`.
+        """
+        self._authority(tenant)
+        return await self._revoke(tenant=tenant, reason=reason, actor=actor, serial=serial, device_id=device_id,
+                                  profile=profile, now=self._now(), details={})
+
+    async def _revoke(
+        self, *, tenant: str, reason: RevocationReason, actor: str, serial: int | None, device_id: str | None,
+        profile: Profile | None, now: dt.datetime, details: Mapping[str, Any],
+    ) -> Outcome:
+        reason = RevocationReason(reason)
+        subject = f"serial:{serial:x}" if serial is not None else f"device:{device_id}" if device_id else "profile"
+        try:
+            done = await self._registry.revoke_selected(
+                tenant, serial=serial, device_id=device_id, profile=None if profile is None else Profile(profile).label,
+                reason=int(reason), at=now,
+                audit=AuditEvent(kind=AuditKind.REVOKE, actor=actor, subject=subject, time=now, tenant=tenant,
+                                 details={**details, "reason": int(reason)}),
+            )
+        except UnknownCertificate as exc:
+            raise PolicyRefusal(ErrorCode.UNKNOWN_CERTIFICATE, str(exc)) from None
+        return Outcome(replies=(), revoked=done.revoked, deltas=done.deltas)
+
+    async def crl(
+        self, *, tenant: str, region: str | None = None, delta: bool = False
+    ) -> x509.CertificateRevocationList:
+        """A full or delta CRL of ``tenant`` (or of its ``region`` shard), signed by its issuing key.
+
+        CRL numbers of a shard increase across full and delta CRLs. A delta lists what was revoked
+        since the shard's last full CRL (and names that CRL's number); a full CRL carries
+        freshestCRL pointing at ``<crl url>.delta`` when the tenant has a ``crl_url``. A shard CRL
+        needs the tenant's ``crl_url`` (its issuingDistributionPoint). ``ValueError`` when a delta
+        is asked before any full CRL, or for an unusable region.
+        """
+        authority = self._authority(tenant)
+        shard = _TENANT_SHARD if region is None else _check_region(region)
+        url = authority.policy.crl_url_for(region)
+        if region is not None and url is None:
+            raise ValueError(f"tenant {tenant!r} has no crl_url: region shard CRLs need one")
+        now = self._now()
+        base = await self._registry.last_crl_base(tenant, shard) if delta else None
+        if delta and base is None:
+            raise ValueError(f"no full CRL of {tenant}/{shard} yet: a delta CRL needs a base")
+        revoked = await self._registry.revoked_for_crl(
+            tenant, region=region, since=None if base is None else base.this_update
+        )
+        number = await self._registry.next_crl_number(tenant, shard)
+        crl = build_crl(
+            issuer_cert=authority.issuing, issuer_key=authority.key,
+            revoked=[(e.serial, e.revoked_at, RevocationReason(e.reason)) for e in revoked],
+            crl_number=number, this_update=now, next_update=now + self._crl_lifetime,
+            delta_of=None if base is None else base.crl_number,
+            shard=region, crl_url=url if region is not None else None,
+            delta_url=f"{url}.delta" if url is not None and not delta else None,
+        )
+        if not delta:
+            await self._registry.record_crl_base(tenant, shard, number, now)
+        return crl
+
+    async def snapshot(self, *, tenant: str, region: str, list_id: int) -> RevocationSnapshot:
+        """The status list ``list_id`` of ``tenant``'s ``region`` feed as a wire snapshot.
+
+        Raises :class:`UnknownStatusList` when there is no such list.
+        """
+        self._authority(tenant)
+        found = await self._registry.status_list(tenant, region, list_id)
+        if found is None:
+            raise UnknownStatusList(f"tenant {tenant!r} has no status list {list_id} in region {region!r}")
+        return RevocationSnapshot(
+            list_id=list_id, sequence=found.sequence, size=found.size,
+            bits=statuslist.compress(found.bits, found.size), time=self._now(),
+        )
+
+
+def _record(pending: _Pending, result: SignResult) -> CertificateRecord:
+    assert result.der is not None and result.spki_sha256 is not None
+    cert = x509.load_der_x509_certificate(result.der)
+    job = pending.job
+    list_id, index = job.status_position if job.status_position is not None else (None, None)
+    return CertificateRecord(
+        tenant=job.tenant, serial=job.serial, device_id=job.device_id, profile=job.profile.label,
+        region=pending.region, not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
+        der=result.der, spki_sha256=result.spki_sha256, issued_at=job.not_before, status_list_id=list_id,
+        status_index=index, kind=pending.kind, replaced_serial=pending.replaced_serial,
+    )
+
+
+def _issue_details(record: CertificateRecord, pending: _Pending) -> dict[str, Any]:
+    details: dict[str, Any] = {
+        "serial": f"{record.serial:x}", "profile": record.profile, "kind": str(record.kind),
+        "region": record.region, "spki_sha256": record.spki_sha256, "not_after": record.not_after,
+    }
+    if pending.request_id is not None:
+        details["request_id"] = pending.request_id
+    if pending.replaced_serial is not None:
+        details["replaced_serial"] = f"{pending.replaced_serial:x}"
+    if pending.claim is not None:
+        details["claim_id"] = pending.claim.claim_id
+    return details
+
+
+def _suggested_window(record: CertificateRecord, profile_policy: ProfilePolicy | None) -> RenewalWindow | None:
+    """The profile's renewal window over the certificate's lifetime, in whole seconds (the wire's unit)."""
+    if profile_policy is None:
+        return None
+    start_fraction, end_fraction = profile_policy.renewal_window
+    try:
+        window = renewal_window(not_before=record.not_before, not_after=record.not_after,
+                                policy=RenewalPolicy(start=start_fraction, end=end_fraction))
+    except ValueError:
+        return None
+    start = window.start.replace(microsecond=0)
+    if start < window.start:
+        start += dt.timedelta(seconds=1)
+    end = window.end.replace(microsecond=0)
+    return RenewalWindow(start=start, end=end) if start < end else None
