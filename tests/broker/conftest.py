@@ -115,11 +115,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     )
 
 
-def broker_port(broker: Broker) -> int:
-    """The port the broker's default listener is bound to."""
-    return int(broker._servers["default"].instance.sockets[0].getsockname()[1])  # noqa: SLF001
-
-
 LISTENER = {"default": {"type": "tcp", "bind": "127.0.0.1:0", "ssl": True}}
 
 
@@ -145,23 +140,40 @@ async def hardened(make_hardened: Callable[..., Any]) -> HardenedBroker:
     return await make_hardened()
 
 
+ANONYMOUS = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
+
+
 @pytest.fixture
-async def stock(pki: Pki) -> AsyncIterator[Broker]:
-    """A STOCK amqtt 0.12.1 broker with its own TLS listener configuration (cafile = tenant CA)."""
-    config = {
-        "listeners": {
-            "default": {
-                "type": "tcp",
-                "bind": "127.0.0.1:0",
-                "ssl": True,
-                "certfile": str(pki.server_cert),
-                "keyfile": str(pki.server_key),
-                "cafile": str(pki.root / "chain.pem"),
-            }
-        },
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-    }
-    broker = Broker(config)
-    await broker.start()
-    yield broker
-    await broker.shutdown()
+async def make_stock(pki: Pki) -> AsyncIterator[Callable[..., Any]]:
+    """Factory: ``await make_stock(plugins)`` starts a STOCK amqtt 0.12.1 broker with amqtt's own TLS
+    listener configuration (cafile = the tenant CA), stopped at teardown."""
+    started: list[Broker] = []
+
+    async def make(plugins: dict[str, Any] | None = None) -> Broker:
+        config = {
+            "listeners": {
+                "default": {
+                    "type": "tcp",
+                    "bind": "127.0.0.1:0",
+                    "ssl": True,
+                    "certfile": str(pki.server_cert),
+                    "keyfile": str(pki.server_key),
+                    "cafile": str(pki.root / "chain.pem"),
+                }
+            },
+            "plugins": {**ANONYMOUS, **(plugins or {})},
+        }
+        broker = Broker(config)
+        await broker.start()
+        started.append(broker)
+        return broker
+
+    yield make
+    for broker in started:
+        await broker.shutdown()
+
+
+@pytest.fixture
+async def stock(make_stock: Callable[..., Any]) -> Broker:
+    """A STOCK amqtt 0.12.1 broker allowing anonymous clients (amqtt's default auth)."""
+    return await make_stock()

@@ -12,7 +12,7 @@ import ssl
 import struct
 from dataclasses import dataclass
 
-__all__ = ["Packet", "RawClient", "connect"]
+__all__ = ["Packet", "RawClient", "connect", "port_of"]
 
 CONNACK, PUBLISH, PUBACK, SUBACK, PINGRESP = 2, 3, 4, 9, 13
 
@@ -183,3 +183,9 @@ async def connect(
     if packet is None or packet.kind != CONNACK:
         return client, None
     return client, packet.body[1]
+
+
+def port_of(broker: object) -> int:
+    """The port an amqtt broker's default listener is bound to (``bind: 127.0.0.1:0``)."""
+    server = broker._servers["default"].instance  # type: ignore[attr-defined]  # noqa: SLF001
+    return int(server.sockets[0].getsockname()[1])
