@@ -410,7 +410,8 @@ async def _revoke(args: argparse.Namespace) -> int:
     service, registry, signer = await _service(_datadir(args), _passphrase(args), args.tenant)
     try:
         outcome = await service.revoke(tenant=args.tenant, reason=REASONS[args.reason], actor="certmq ca revoke",
-                                       serial=serial, device_id=args.device, profile=args.profile)
+                                       serial=serial, device_id=args.device,
+                                       profile=Profile.from_label(args.profile) if args.profile else None)
     finally:
         await _close(registry, signer)
     revoked = _revoked_serials(outcome)

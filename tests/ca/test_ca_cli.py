@@ -210,3 +210,183 @@ def test_init_with_keys_on_a_softhsm_token(tmp_path: Path, softhsm_token: SoftHs
                    "--passphrase-env", "HSM_PIN", "--data", data, env={**env, "HSM_PIN": "0000"})
     assert wrong.returncode == 1 and "PIN" in wrong.stderr
     assert not (data / "tenants/hsm3").exists()
+
+
+# -- issuing commands (through the CA service core) ---------------------------------------
+
+
+def _csr_file(path: Path, cn: str, *, pem: bool, key: object | None = None) -> None:
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+           .sign(key, algorithm))  # type: ignore[arg-type]
+    path.write_bytes(csr.public_bytes(serialization.Encoding.PEM if pem else serialization.Encoding.DER))
+
+
+def _verify_chain(data: Path, tenant: str, cert: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    tdir = data / "tenants" / tenant
+    return openssl("verify", "-x509_strict", *extra, "-CAfile", tdir / "root.pem", "-untrusted", tdir / "issuing.pem", cert)
+
+
+@pytest.fixture
+def factory(tmp_path: Path) -> Path:
+    """A fresh data directory with tenant acme whose policy refuses Ed25519 keys."""
+    data = tmp_path / "data"
+    policy = tmp_path / "acme.toml"
+    policy.write_text('[key_policy]\nallowed = ["p256", "p384"]\n')
+    ok(certmq("ca", "init", "--tenant", "acme", "--policy", policy, "--passphrase-env", "CERTMQ_CA_PASS", "--data", data))
+    return data
+
+
+def test_sign_batch_from_a_directory(factory: Path, tmp_path: Path) -> None:
+    csrs = tmp_path / "csrs"
+    csrs.mkdir()
+    for i in range(6):
+        _csr_file(csrs / f"sensor-{i}.csr", f"sensor-{i}", pem=bool(i % 2))
+    _csr_file(csrs / "sensor-7.csr", "sensor-8", pem=True)  # names another device
+    _csr_file(csrs / "sensor-9.csr", "sensor-9", pem=False, key=ed25519.Ed25519PrivateKey.generate())  # key refused
+    (csrs / "sensor-10.csr").write_bytes(b"garbage")
+    out = tmp_path / "certs"
+    result = certmq("ca", "sign-batch", "--tenant", "acme", "--profile", "identity", "--dir", csrs, "--out", out,
+                    "--passphrase-env", "CERTMQ_CA_PASS", "--data", factory)
+    assert result.returncode == 1, result.stderr  # some were refused
+    assert "signed 6 of 9" in result.stdout
+    manifest = {e["device_id"]: e for e in json.loads((out / "manifest.json").read_text())}
+    assert len(manifest) == 9
+    for device in (f"sensor-{i}" for i in range(6)):
+        entry = manifest[device]
+        assert entry["status"] == "issued" and entry["error"] is None
+        pem = out / f"{device}.pem"
+        assert "OK" in ok(_verify_chain(factory, "acme", pem, "-purpose", "sslclient"))
+        cert = x509.load_pem_x509_certificate(pem.read_bytes())
+        assert f"{cert.serial_number:x}" == entry["serial"]
+        assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == device
+        assert cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ") == entry["not_after"]
+    assert "IDENTITY_MISMATCH" in manifest["sensor-7"]["error"]
+    assert "KEY_REJECTED" in manifest["sensor-9"]["error"]
+    assert "BAD_CSR" in manifest["sensor-10"]["error"]
+    assert not any((out / f"{d}.pem").exists() for d in ("sensor-7", "sensor-9", "sensor-10"))
+    assert "refused sensor-7" in result.stdout
+
+    # recorded like any issuance: kind factory, one audit entry each, and the chain intact
+    conn = sqlite3.connect(factory / "registry.db")
+    kinds = conn.execute("SELECT kind, count(*) FROM certificates GROUP BY kind").fetchall()
+    issues = conn.execute("SELECT count(*) FROM audit_log WHERE kind = 'issue'").fetchone()[0]
+    conn.close()
+    assert kinds == [("factory", 6)] and issues == 6
+    assert ok(certmq("audit", "verify", "--data", factory)).startswith("audit trail OK")
+
+
+def test_sign_batch_from_a_manifest_with_progress_and_workers(factory: Path, tmp_path: Path) -> None:
+    csrs = tmp_path / "in"
+    csrs.mkdir()
+    entries = []
+    for i in range(120):
+        _csr_file(csrs / f"x{i}.der", f"line-{i}", pem=False)
+        entries.append({"device_id": f"line-{i}", "csr_path": f"in/x{i}.der"})
+    manifest = tmp_path / "batch.json"
+    manifest.write_text(json.dumps(entries))
+    out = tmp_path / "out"
+    result = certmq("ca", "sign-batch", "--tenant", "acme", "--manifest", manifest, "--out", out, "--workers", "2",
+                    "--passphrase-env", "CERTMQ_CA_PASS", "--data", factory)
+    assert ok(result).startswith("signed 120 of 120")
+    assert "120/120 processed" in result.stderr
+    written = json.loads((out / "manifest.json").read_text())
+    assert [e["device_id"] for e in written] == [e["device_id"] for e in entries]
+    assert len({e["serial"] for e in written}) == 120
+    assert "OK" in ok(_verify_chain(factory, "acme", out / "line-119.pem"))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("{}", "non-empty JSON list"), ("[{\"device_id\": 1}]", "entry 0 needs"), ("nope", "not valid JSON"),
+     ('[{"device_id": "a", "csr_path": "a.csr"}, {"device_id": "a", "csr_path": "b.csr"}]', "appears twice")],
+)
+def test_sign_batch_bad_manifest_signs_nothing(factory: Path, tmp_path: Path, content: str, message: str) -> None:
+    manifest = tmp_path / "m.json"
+    manifest.write_text(content)
+    before = snapshot(factory)
+    result = certmq("ca", "sign-batch", "--tenant", "acme", "--manifest", manifest, "--out", tmp_path / "o",
+                    "--passphrase-env", "CERTMQ_CA_PASS", "--data", factory)
+    assert result.returncode == 2 and message in result.stderr
+    assert snapshot(factory) == before and not (tmp_path / "o").exists()
+
+
+def test_sign_batch_wrong_passphrase_signs_nothing(factory: Path, tmp_path: Path) -> None:
+    csrs = tmp_path / "c"
+    csrs.mkdir()
+    _csr_file(csrs / "a.csr", "a", pem=True)
+    before = snapshot(factory)
+    result = certmq("ca", "sign-batch", "--tenant", "acme", "--dir", csrs, "--out", tmp_path / "o",
+                    "--passphrase-env", "CERTMQ_CA_PASS", "--data", factory, env={"CERTMQ_CA_PASS": "wrong"})
+    assert result.returncode == 1 and "wrong passphrase" in result.stderr
+    assert snapshot(factory) == before and not (tmp_path / "o").exists()
+
+
+def test_claim_add_registers_the_claim_and_mints_a_bootstrap_credential(factory: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bootstrap"
+    text = ok(certmq("ca", "claim", "add", "--tenant", "acme", "--claim-id", "line-3", "--pattern", "sensor-*",
+                     "--max-uses", "25", "--until", "2099-12-31", "--out", out,
+                     "--passphrase-env", "CERTMQ_CA_PASS", "--data", factory))
+    assert "at most 25 use(s)" in text and "until 2099-12-31T23:59:59Z" in text
+    key = out / "line-3.key.pem"
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    assert "OK" in ok(openssl("verify", "-x509_strict", "-CAfile", out / "chain.pem", out / "line-3.pem"))
+    cert = x509.load_pem_x509_certificate((out / "line-3.pem").read_bytes())
+    private = serialization.load_pem_private_key(key.read_bytes(), None)
+    assert cert.public_key() == private.public_key()
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "line-3"
+    conn = sqlite3.connect(factory / "registry.db")
+    (policy,) = conn.execute("SELECT policy FROM claims WHERE claim_id = 'line-3'").fetchone()
+    (kind,) = conn.execute("SELECT kind FROM certificates").fetchone()
+    conn.close()
+    assert json.loads(policy)["pattern"] == "sensor-*" and json.loads(policy)["max_uses"] == 25
+    assert kind == "bootstrap"
+    again = certmq("ca", "claim", "add", "--tenant", "acme", "--claim-id", "line-4", "--devices", "a,b", "--max-uses", "2",
+                   "--until", "2099-01-01", "--out", out, "--passphrase-env", "CERTMQ_CA_PASS", "--data", factory)
+    assert again.returncode == 2 and "not an empty directory" in again.stderr
+
+
+def test_revoke_and_crls_checked_by_openssl(factory: Path, tmp_path: Path) -> None:
+    csrs = tmp_path / "csrs"
+    csrs.mkdir()
+    for name in ("d1", "d2", "d3"):
+        _csr_file(csrs / f"{name}.csr", name, pem=True)
+    certs = tmp_path / "certs"
+    ok(certmq("ca", "sign-batch", "--tenant", "acme", "--dir", csrs, "--out", certs, "--passphrase-env", "CERTMQ_CA_PASS", "--data", factory))
+    serial = json.loads((certs / "manifest.json").read_text())[0]["serial"]
+    key = ("--passphrase-env", "CERTMQ_CA_PASS", "--data", factory)
+
+    full = tmp_path / "full.crl"
+    ok(certmq("ca", "crl", "--tenant", "acme", "--out", full, *key))
+    chain = factory / "tenants/acme/chain.pem"
+
+    def crl_verifies(path: Path) -> bool:
+        check = openssl("crl", "-in", path, "-inform", "DER", "-CAfile", chain, "-noout")
+        return check.returncode == 0 and "verify ok" in (check.stdout + check.stderr).lower()
+
+    assert crl_verifies(full)
+
+    assert serial in ok(certmq("ca", "revoke", "--tenant", "acme", "--serial", serial, "--reason", "keyCompromise", *key))
+    assert "revoked" in ok(certmq("ca", "revoke", "--tenant", "acme", "--device", "d2", "--profile", "identity", "--reason", "superseded", *key))
+    nothing = certmq("ca", "revoke", "--tenant", "acme", "--device", "d2", "--reason", "superseded", *key)
+    assert nothing.returncode == 1 and "nothing to revoke" in nothing.stdout
+    unknown = certmq("ca", "revoke", "--tenant", "acme", "--serial", "abcdef", "--reason", "superseded", *key)
+    assert unknown.returncode == 1 and "UNKNOWN_CERTIFICATE" in unknown.stderr
+
+    delta = tmp_path / "delta.crl"
+    ok(certmq("ca", "crl", "--tenant", "acme", "--delta", "--out", delta, *key))
+    ok(certmq("ca", "crl", "--tenant", "acme", "--out", full, *key))
+    pem = tmp_path / "full.pem"
+    ok(openssl("crl", "-in", full, "-inform", "DER", "-out", pem))
+    text = ok(openssl("crl", "-in", delta, "-inform", "DER", "-noout", "-text"))
+    assert "Delta CRL Indicator" in text and serial.upper().lstrip("0")[:8] in text.upper().replace(":", "")
+    assert crl_verifies(full) and crl_verifies(delta)
+    tdir = factory / "tenants/acme"
+    both = tmp_path / "trust.pem"
+    both.write_bytes((tdir / "root.pem").read_bytes() + (tdir / "issuing.pem").read_bytes())
+    revoked = openssl("verify", "-crl_check", "-CAfile", both, "-CRLfile", pem, certs / "d1.pem")
+    assert revoked.returncode != 0 and "revoked" in (revoked.stdout + revoked.stderr).lower()
+    assert "OK" in ok(openssl("verify", "-crl_check", "-CAfile", both, "-CRLfile", pem, certs / "d3.pem"))
+    assert ok(certmq("audit", "verify", "--data", factory)).startswith("audit trail OK")
