@@ -209,7 +209,7 @@ class HardenedBroker(Broker):
                 continue
             if "bind" in listener and (listener.type != ListenerType.TCP or not listener.get("ssl", False)):
                 raise ValueError(f"listener {name!r}: the hardened broker serves TCP listeners with ssl: true only")
-        super().__init__(config)
+        # Hooks first: plugins are constructed inside Broker.__init__ and may replace them.
         self.identity_hook = identity_hook
         self.client_id_hook = client_id_hook
         self.acl_hook = acl_hook
@@ -224,6 +224,7 @@ class HardenedBroker(Broker):
         self._live: dict[str, _Connection] = {}
         self._register_lock = asyncio.Lock()
         self._stopping = False
+        super().__init__(config)
 
     # -- public API ---------------------------------------------------------
 

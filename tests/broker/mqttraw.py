@@ -80,7 +80,11 @@ class RawClient:
             body = await asyncio.wait_for(self.reader.readexactly(length), timeout)
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
             return None
-        return Packet(first[0] >> 4, first[0] & 0x0F, body)
+        packet = Packet(first[0] >> 4, first[0] & 0x0F, body)
+        if packet.kind == PUBLISH and (packet.flags >> 1) & 3 == 1:
+            (n,) = struct.unpack("!H", body[:2])
+            self.writer.write(_packet(0x40, body[2 + n : 4 + n]))  # PUBACK
+        return packet
 
     async def is_closed(self, within: float) -> bool:
         """Whether the server closes the connection within ``within`` seconds (other packets skipped)."""

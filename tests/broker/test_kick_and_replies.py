@@ -1,0 +1,136 @@
+"""The in-process API the certmq plugin builds on: kick, refusal of revoked identities,
+replies to one session only, and reaching the broker from a plugin loaded by dotted path."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+from amqtt.broker import Broker
+from amqtt.plugins.base import BasePlugin
+
+from broker_plugin.broker import ConnectionInfo, HardenedBroker, PeerIdentity, default_identity
+from mqttraw import connect, port_of
+
+
+async def test_kick_by_serial_closes_within_a_second_and_revoked_cannot_return(make_hardened: Any, pki: Any) -> None:
+    revoked: set[int] = set()
+
+    def identity_hook(cert: Any) -> PeerIdentity | None:
+        return None if cert.serial_number in revoked else default_identity(cert)
+
+    broker = await make_hardened(identity_hook=identity_hook)
+    port = port_of(broker)
+    watcher, _ = await connect(port, pki.client_context("watcher"), "watcher")
+    assert await watcher.subscribe("wills/#") == 0
+    ctx1, serial1 = pki.client_context_with_serial("dev1")
+    dev1, _ = await connect(port, ctx1, "dev1", will=("wills/dev1", b"gone"))
+    dev2, _ = await connect(port, pki.client_context("dev2"), "dev2")
+
+    revoked.add(serial1)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    kicked = await broker.kick(lambda info: info.identity.serial == serial1, "certificate revoked")
+    assert loop.time() - start < 1.0
+    assert kicked == ["dev1"]
+    assert await dev1.is_closed(1.0)
+    assert await dev2.ping()
+    assert [c.client_id for c in broker.connections() if c.client_id.startswith("dev")] == ["dev2"]
+    assert await watcher.messages(0.5) == []  # a kicked client's will is not published
+
+    again, rc = await connect(port, ctx1, "dev1")
+    assert rc == 5
+    assert await again.is_closed(1.0)
+    for client in (dev2, watcher):
+        await client.disconnect()
+
+
+async def test_kick_by_client_id_and_unknown(hardened: HardenedBroker, pki: Any) -> None:
+    dev1, _ = await connect(port_of(hardened), pki.client_context("dev1"), "dev1")
+    assert await hardened.kick("nobody", "test") == []
+    assert await hardened.kick("dev1", "test") == ["dev1"]
+    assert await dev1.is_closed(1.0)
+    assert hardened.connections() == []
+
+
+async def test_kick_of_client_that_does_not_read(hardened: HardenedBroker, pki: Any) -> None:
+    """A client that stopped reading cannot stall the kick (grace, then abort)."""
+    dev1, _ = await connect(port_of(hardened), pki.client_context("dev1"), "dev1")
+    dev1.writer.transport.pause_reading()
+    for _ in range(50):  # fill the socket buffers towards the client
+        await hardened.deliver_to("dev1", "dev1/bulk", b"x" * 65536)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    assert await hardened.kick("dev1", "test") == ["dev1"]
+    assert loop.time() - start < 1.2
+    assert hardened.connections() == []
+    await dev1.close()
+
+
+async def test_deliver_to_reaches_only_that_session(hardened: HardenedBroker, pki: Any) -> None:
+    port = port_of(hardened)
+    dev1, _ = await connect(port, pki.client_context("dev1"), "dev1")
+    snoop, _ = await connect(port, pki.client_context("snoop"), "snoop")
+    assert await snoop.subscribe("#") == 0
+    assert await dev1.subscribe("certmq/dev1/reply") == 0
+    assert await hardened.deliver_to("dev1", "certmq/dev1/reply", b"r0", qos=0)
+    acked = asyncio.ensure_future(hardened.deliver_to("dev1", "certmq/dev1/reply", b"r1", qos=1))
+    got = await dev1.messages(0.5)
+    assert await acked  # returns once dev1 acknowledged
+    assert [(m.topic, m.payload) for m in got] == [("certmq/dev1/reply", b"r0"), ("certmq/dev1/reply", b"r1")]
+    assert await snoop.messages(0.3) == []
+    assert not await hardened.deliver_to("nobody", "t", b"x")
+    with pytest.raises(ValueError):
+        await hardened.deliver_to("dev1", "a/+", b"x")
+    for client in (dev1, snoop):
+        await client.disconnect()
+
+
+class _HookingPlugin(BasePlugin[Any]):
+    """What the certmq plugin does: find the hardened broker, install its ACL."""
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self.broker = HardenedBroker.of(context)
+        self.broker.acl_hook = self.acl
+
+    def acl(self, identity: PeerIdentity, action: str, topic: str) -> bool:
+        return topic.startswith(f"{identity.name}/")
+
+
+async def test_plugin_loaded_by_dotted_path_installs_hooks(pki: Any) -> None:
+    broker = HardenedBroker(
+        {
+            "listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:0", "ssl": True}},
+            "plugins": {"test_kick_and_replies._HookingPlugin": {}},
+        },
+        ssl_context=pki.server_context(),
+    )
+    await broker.start()
+    try:
+        dev1, _ = await connect(port_of(broker), pki.client_context("dev1"), "dev1")
+        assert await dev1.subscribe("dev2/#") == 0x80
+        assert await dev1.subscribe("dev1/#") == 0
+        await dev1.disconnect()
+    finally:
+        await broker.shutdown()
+
+
+async def test_hardened_api_refuses_stock_broker_and_bad_config(pki: Any, stock: Broker) -> None:
+    with pytest.raises(TypeError):
+        HardenedBroker.of(stock.plugins_manager.app_context)
+    with pytest.raises(ValueError, match="CERT_REQUIRED"):
+        context = pki.server_context()
+        context.verify_mode = ssl.CERT_OPTIONAL
+        HardenedBroker({"listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:0", "ssl": True}}}, ssl_context=context)
+    with pytest.raises(ValueError, match="ssl: true"):
+        HardenedBroker({"listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:0"}}}, ssl_context=pki.server_context())
+
+
+def test_connection_info_is_a_value() -> None:
+    info = ConnectionInfo(client_id="a", identity=None, remote=("127.0.0.1", 1), connected_at=datetime.now(timezone.utc))
+    with pytest.raises(AttributeError):
+        info.client_id = "b"  # type: ignore[misc]
