@@ -773,7 +773,7 @@ class CAService:
         """Revoke by ``serial``, by ``device_id`` (optionally narrowed to ``profile``), or every
         certificate of ``profile`` in the tenant. The Outcome has no replies; ``revoked`` and
         ``deltas`` feed kicks and revocation feeds. An unknown serial raises
-        :class:`~..store.base.UnknownCertificate`.
+        :class:`~.policy.PolicyRefusal` with code ``UNKNOWN_CERTIFICATE``.
         """
         self._authority(tenant)
         return await self._revoke(tenant=tenant, reason=reason, actor=actor, serial=serial, device_id=device_id,
@@ -802,7 +802,9 @@ class CAService:
         """A full or delta CRL of ``tenant`` (or of its ``region`` shard), signed by its issuing key.
 
         CRL numbers of a shard increase across full and delta CRLs. A delta lists what was revoked
-        since the shard's last full CRL (and names that CRL's number); a full CRL carries
+        since the shard's last full CRL, from the second of its thisUpdate on (inclusive: an entry
+        revoked in that same second may be in both, never in neither), and names that CRL's
+        number; a full CRL carries
         freshestCRL pointing at ``<crl url>.delta`` when the tenant has a ``crl_url``. A shard CRL
         needs the tenant's ``crl_url`` (its issuingDistributionPoint). ``ValueError`` when a delta
         is asked before any full CRL, or for an unusable region.
