@@ -1,0 +1,285 @@
+"""Certificate issuance rates: raw cryptography vs. certmq's core path, in one process and across workers.
+
+Run: ``./dev bench issuance`` (or ``.venv/bin/python bench/issuance.py [--n 2000] [--workers 2]``).
+
+All in the same run, on the same pre-generated P-256 CSRs:
+
+(a) **raw**: ``load CSR + verify its signature + build + sign`` with straight cryptography calls,
+    one process, a certificate with the same extensions certmq puts in (no registry);
+(b) **core, one process**: :class:`~broker_plugin.ca.service.CAService` with
+    :class:`~broker_plugin.ca.signing.InlineSigner` on a SQLite registry in a temp dir, fed real
+    ``CertificateRequest`` payloads from a bootstrap (claim) credential via ``handle_many`` (decode,
+    authorise, claim policy, status slot, sign, commit + audit per certificate, encode reply);
+(c) **core, worker processes**: the same with :class:`~broker_plugin.ca.pool.ProcessPoolSigner`;
+plus the signer alone (``run_job`` inline: what (b) spends signing), ML-DSA-44 CA issuance and a
+P-256 CA key on a SoftHSM2 token (created here, like the test fixture).
+
+Prints absolute rates and the ratio core/raw (goal >= 0.8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cryptography import x509  # noqa: E402
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
+
+from broker_plugin.ca.claims import ClaimPolicy  # noqa: E402
+from broker_plugin.ca.datadir import authority_material, init_tenant, load_authorities  # noqa: E402
+from broker_plugin.ca.pool import ProcessPoolSigner  # noqa: E402
+from broker_plugin.ca.service import CAService  # noqa: E402
+from broker_plugin.ca.signing import InlineSigner, SignJob, TenantAuthority  # noqa: E402
+from broker_plugin.store.base import CertificateKind, open_registry  # noqa: E402
+from protocol.codec import decode, encode  # noqa: E402
+from protocol.codes import Profile  # noqa: E402
+from protocol.messages import CertificateIssued, CertificateRequest, ProvisioningParameters  # noqa: E402
+from protocol.topics import provisioning_request_topic  # noqa: E402
+
+PASS = b"bench-passphrase"
+NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
+BATCH = 128       # requests per handle_many call (what an adapter hands the core at load)
+CONCURRENCY = 2   # handle_many calls in flight
+
+
+def make_csrs(n: int) -> list[tuple[str, bytes]]:
+    out = []
+    for i in range(n):
+        device = f"sensor-{i}"
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = (x509.CertificateSigningRequestBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device)]))
+               .sign(key, hashes.SHA256()))
+        out.append((device, csr.public_bytes(serialization.Encoding.DER)))
+    return out
+
+
+def raw_rate(authority: TenantAuthority, csrs: list[tuple[str, bytes]]) -> float:
+    """(a) load + verify + build + sign with cryptography alone."""
+    key: Any = authority.key
+    ca = authority.issuing
+    ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+    ku = x509.KeyUsage(True, False, False, False, False, False, False, False, False)
+    eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
+    start = time.perf_counter()
+    for device, der in csrs:
+        csr = x509.load_der_x509_csr(der)
+        if not csr.is_signature_valid:
+            raise SystemExit("raw: CSR signature invalid")
+        public = csr.public_key()
+        (x509.CertificateBuilder()
+         .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "acme"),
+                                  x509.NameAttribute(NameOID.COMMON_NAME, device)]))
+         .issuer_name(ca.subject).public_key(public).serial_number(x509.random_serial_number())
+         .not_valid_before(NOW).not_valid_after(NOW + dt.timedelta(days=90))
+         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+         .add_extension(ku, critical=True).add_extension(eku, critical=False)
+         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)  # type: ignore[arg-type]
+         .add_extension(aki, critical=False)
+         .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"urn:certmq:acme:{device}")]), critical=False)
+         .sign(key, hashes.SHA256()))
+    return len(csrs) / (time.perf_counter() - start)
+
+
+async def signer_rate(authority: TenantAuthority, csrs: list[tuple[str, bytes]]) -> float:
+    """run_job inline: the CSR checks and certmq's issuer, no registry."""
+    signer = InlineSigner({authority.name: authority})
+    jobs = [SignJob(tenant=authority.name, device_id=d, profile=Profile.IDENTITY, serial=(1 << 158) | (i + 1),
+                    not_before=NOW, csr_der=der, status_position=(1, i)) for i, (d, der) in enumerate(csrs)]
+    start = time.perf_counter()
+    results = await signer.sign(jobs)
+    elapsed = time.perf_counter() - start
+    if not all(r.ok for r in results):
+        raise SystemExit(f"signer: refused {[r.refusal_text for r in results if not r.ok][:3]}")
+    return len(jobs) / elapsed
+
+
+class TimedSigner:
+    """Wraps a backend and adds up the wall time of its sign() calls."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.seconds = 0.0
+
+    async def sign(self, jobs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return await self.inner.sign(jobs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def core_rate(workdir: Path, label: str, authorities: dict[str, TenantAuthority], signer: Any,
+                    csrs: list[tuple[str, bytes]], tenant: str) -> tuple[float, float]:
+    """(b)/(c): handle_many over provisioning requests of one claim credential; (rate, signing share)."""
+    db = workdir / f"{label}.db"
+    registry = await open_registry(f"sqlite:///{db}")
+    timed = TimedSigner(signer)
+    service = CAService(registry=registry, authorities=authorities, signer=timed, clock=lambda: dt.datetime.now(dt.UTC))
+    try:
+        await service.register_claim(tenant=tenant, claim_id="factory-claim", actor="bench",
+                                     policy=ClaimPolicy(pattern="sensor-*", max_uses=len(csrs) + 1,
+                                                        not_after=NOW + dt.timedelta(days=30)))
+        key = ec.generate_private_key(ec.SECP256R1())
+        claim_csr = (x509.CertificateSigningRequestBuilder()
+                     .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "factory-claim")]))
+                     .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+        record = await service.issue_direct(tenant=tenant, device_id="factory-claim", profile=Profile.IDENTITY,
+                                            csr_der=claim_csr, kind=CertificateKind.BOOTSTRAP, actor="bench")
+        claim = await service.identify(x509.load_der_x509_certificate(record.der))
+        items = [
+            (claim, provisioning_request_topic(tenant, device),
+             encode(CertificateRequest(request_id=os.urandom(16), profile=Profile.IDENTITY, csr=der,
+                                       provisioning=ProvisioningParameters(device_id=device))))
+            for device, der in csrs
+        ]
+        batches = [items[i:i + BATCH] for i in range(0, len(items), BATCH)]
+        timed.seconds = 0.0
+        issued = 0
+        start = time.perf_counter()
+        for i in range(0, len(batches), CONCURRENCY):
+            for outcomes in await asyncio.gather(*(service.handle_many(b) for b in batches[i:i + CONCURRENCY])):
+                for outcome in outcomes:
+                    if isinstance(decode(outcome.replies[0].payload), CertificateIssued):
+                        issued += 1
+        elapsed = time.perf_counter() - start
+        if issued != len(items):
+            raise SystemExit(f"{label}: only {issued} of {len(items)} requests were issued")
+        if not (await registry.verify_audit()).ok:
+            raise SystemExit(f"{label}: audit chain broken")
+        return len(items) / elapsed, timed.seconds / elapsed
+    finally:
+        await timed.close()
+        await registry.close()
+
+
+async def registry_rates(workdir: Path, n: int) -> tuple[float, float]:
+    """Write transactions alone, one at a time: status-slot reservations, and audit appends."""
+    registry = await open_registry(f"sqlite:///{workdir / 'registry-only.db'}")
+    try:
+        start = time.perf_counter()
+        for _ in range(n):
+            await registry.allocate_status_index("acme", "-", 131072)
+        slots = n / (time.perf_counter() - start)
+        from broker_plugin.store.audit import AuditEvent
+
+        start = time.perf_counter()
+        for i in range(n):
+            await registry.audit_refusal(AuditEvent(kind="refuse", actor="bench", subject=f"sensor-{i}",
+                                                    time=NOW, tenant="acme", details={"code": 1}))
+        audits = n / (time.perf_counter() - start)
+    finally:
+        await registry.close()
+    return slots, audits
+
+
+def make_softhsm_token(root: Path) -> tuple[str, str]:
+    """A SoftHSM2 token in ``root`` (SOFTHSM2_CONF set for this process); (URI, PIN)."""
+    util = shutil.which("softhsm2-util")
+    if util is None:
+        raise SystemExit("softhsm2-util not found: install softhsm2 (./dev setup does)")
+    from broker_plugin.ca.pkcs11 import MODULE_CANDIDATES
+
+    module = next((m for m in MODULE_CANDIDATES if Path(m).is_file()), None)
+    if module is None:
+        raise SystemExit("libsofthsm2.so not found: install softhsm2")
+    tokens = root / "tokens"
+    tokens.mkdir(mode=0o700)
+    conf = root / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    pin = "1234-bench"
+    subprocess.run([util, "--init-token", "--free", "--label", "bench", "--so-pin", "5678-so", "--pin", pin],
+                   check=True, capture_output=True)
+    return f"pkcs11:token=bench;object=bench-issuing?module-path={module}", pin
+
+
+def line(name: str, rate: float, raw: float | None = None, extra: str = "") -> None:
+    ratio = f"  {rate / raw:5.2f} x raw" if raw else ""
+    print(f"  {name:<58} {rate:8.0f} cert/s{ratio}{extra}", flush=True)
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=2000, help="certificates per P-256 measurement")
+    parser.add_argument("--workers", type=int, default=2, help="signing worker processes for (c)")
+    parser.add_argument("--n-slow", type=int, default=None, help="certificates for ML-DSA / SoftHSM (default n/4)")
+    args = parser.parse_args()
+    n_slow = args.n_slow or max(args.n // 4, 50)
+    work = Path(tempfile.mkdtemp(prefix="certmq-bench-"))
+    try:
+        data = work / "data"
+        await init_tenant(data, "acme", algorithm="p256", passphrase=PASS, now=NOW - dt.timedelta(hours=1))
+        await init_tenant(data, "pq", algorithm="ml-dsa-44", passphrase=PASS, now=NOW - dt.timedelta(hours=1))
+        authorities = load_authorities(data, passphrase=PASS)
+        acme = {"acme": authorities["acme"]}
+        print(f"certmq issuance bench: n={args.n}, workers={args.workers}, CPUs={os.cpu_count()}, "
+              f"batches of {BATCH} x {CONCURRENCY} in flight, SQLite registry (WAL, synchronous=FULL)", flush=True)
+        t = time.perf_counter()
+        csrs = make_csrs(args.n)
+        print(f"  (generated {args.n} P-256 device keys + CSRs in {time.perf_counter() - t:.1f} s, not counted)")
+
+        print("P-256 CA key (file):")
+        raw = raw_rate(authorities["acme"], csrs)
+        line("(a) raw: load CSR + verify + build + sign", raw, raw)
+        line("    signer alone: certmq checks + issuer (run_job)", await signer_rate(authorities["acme"], csrs), raw)
+        core1, share1 = await core_rate(work, "inline", acme, InlineSigner(acme), csrs, "acme")
+        line("(b) core path, one process (InlineSigner)", core1, raw, f"  (signing {share1:.0%} of the time)")
+        pool = ProcessPoolSigner(authority_material(data, passphrase=PASS, only="acme"), workers=args.workers)
+        core2, share2 = await core_rate(work, "pool", acme, pool, csrs, "acme")
+        line(f"(c) core path, {args.workers} worker processes (ProcessPoolSigner)", core2, raw,
+             f"  (waiting on workers {share2:.0%}; {pool.round_trips} round trips)")
+        slots, audits = await registry_rates(work, min(args.n, 1000))
+        line("    registry alone: status-slot reservation, 1 txn each", slots, extra="  (transactions/s)")
+        line("    registry alone: audit append, 1 txn each", audits, extra="  (transactions/s)")
+
+        print("ML-DSA-44 CA key (file):")
+        pq = {"pq": authorities["pq"]}
+        line("    signer alone (run_job)", await signer_rate(authorities["pq"], csrs[:n_slow]))
+        rate, _ = await core_rate(work, "mldsa", pq, InlineSigner(pq), csrs[:n_slow], "pq")
+        line("    core path, one process", rate)
+        pool = ProcessPoolSigner(authority_material(data, passphrase=PASS, only="pq"), workers=args.workers)
+        rate, _ = await core_rate(work, "mldsa-pool", pq, pool, csrs[:n_slow], "pq")
+        line(f"    core path, {args.workers} worker processes", rate)
+
+        print("P-256 CA key on a SoftHSM2 token:")
+        uri, pin = make_softhsm_token(work)
+        await init_tenant(data, "hsm", algorithm="p256", passphrase=pin.encode(), key_uri=uri, now=NOW - dt.timedelta(hours=1))
+        hsm = load_authorities(data, passphrase=pin.encode(), only="hsm")
+        line("    signer alone (run_job)", await signer_rate(hsm["hsm"], csrs[:n_slow]))
+        rate, _ = await core_rate(work, "hsm", hsm, InlineSigner(hsm), csrs[:n_slow], "hsm")
+        line("    core path, one process", rate)
+        pool = ProcessPoolSigner(authority_material(data, passphrase=pin.encode(), only="hsm"), workers=args.workers)
+        rate, _ = await core_rate(work, "hsm-pool", hsm, pool, csrs[:n_slow], "hsm")
+        line(f"    core path, {args.workers} worker processes (a token session each)", rate)
+        close = getattr(hsm["hsm"].key, "close", None)
+        if callable(close):
+            close()
+
+        best = max(core1, core2)
+        print(f"core/raw: one process {core1 / raw:.2f}, {args.workers} workers {core2 / raw:.2f} "
+              f"(goal >= 0.8: {'met' if best / raw >= 0.8 else 'MISSED'})")
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(main()))
