@@ -45,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
-import enum
 import hashlib
 import logging
 import os
@@ -58,10 +57,9 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-from protocol import statuslist
 from protocol.codec import decode, encode
 from protocol.codes import ErrorCode, Profile, RevocationReason
-from protocol.errors import CertmqError, DecodeError, LocalProtocolError, TopicError
+from protocol.errors import DecodeError, LocalProtocolError, TopicError
 from protocol.messages import (
     MAX_ERROR_TEXT_BYTES,
     CertificateIssued,
@@ -97,12 +95,12 @@ from ..store.base import (
     Registry,
     RequestIdReused,
     RequestKey,
-    StatusDelta,
     UnknownCertificate,
     UnknownClaim,
 )
 from .claims import ClaimPolicy, load_claim_policy
-from .crl import build_crl
+from .identity import KIND_OF_RECORD, NO_REGION, Identity, IdentityKind, NotAuthorized, Outcome, Outgoing, UnknownStatusList
+from .feeds import registry_crl, registry_snapshot
 from .issuer import random_serial
 from .policy import PolicyError, PolicyRefusal, ProfilePolicy
 from .signing import SigningBackend, SignJob, SignResult, TenantAuthority
@@ -120,81 +118,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Registry region of certificates issued without any region (no region extension).
-NO_REGION = "-"
-#: ``crl_numbers`` / ``crl_bases`` shard name of a tenant's whole-tenant CRL.
-_TENANT_SHARD = "*"
 _ASCII_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~-]*")
 _DEVICE_KINDS = (CertificateKind.OPERATIONAL, CertificateKind.FACTORY)
-
-
-class IdentityKind(enum.StrEnum):
-    """What an authenticated peer is: a device, a claim credential, or an operator."""
-
-    DEVICE = "device"
-    BOOTSTRAP = "bootstrap"
-    OPERATOR = "operator"
-
-
-_KIND_OF_RECORD = {
-    CertificateKind.OPERATIONAL: IdentityKind.DEVICE,
-    CertificateKind.FACTORY: IdentityKind.DEVICE,
-    CertificateKind.BOOTSTRAP: IdentityKind.BOOTSTRAP,
-    CertificateKind.OPERATOR: IdentityKind.OPERATOR,
-}
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Identity:
-    """An authenticated peer, as :meth:`CAService.identify` found it in the registry.
-
-    ``name`` is the device id, the claim id (bootstrap) or the operator id: the certificate's CN.
-    """
-
-    tenant: str
-    kind: IdentityKind
-    name: str
-    serial: int
-    spki_sha256: bytes
-    not_before: dt.datetime
-    not_after: dt.datetime
-
-    @property
-    def key(self) -> str:
-        """The identity as idempotency keys and the audit trail name it: ``device:sensor-1``."""
-        return f"{self.kind}:{self.name}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Outgoing:
-    """One publish the adapter must send."""
-
-    topic: str
-    payload: bytes
-
-
-@dataclasses.dataclass(frozen=True)
-class Outcome:
-    """What handling one request decided: replies to publish, and what a revocation took away."""
-
-    replies: tuple[Outgoing, ...]
-    revoked: tuple[CertificateRecord, ...] = ()
-    deltas: tuple[StatusDelta, ...] = ()
-
-
-class NotAuthorized(CertmqError):
-    """A certificate that may not act (unknown CA or serial, revoked, expired, not yet valid)."""
-
-    def __init__(self, code: ErrorCode, text: str) -> None:
-        super().__init__(f"{code.name}: {text}")
-        self.code = code
-        self.text = text
-
-
-class UnknownStatusList(CertmqError, LookupError):
-    """No status list with that id in that tenant's region."""
-
-    code = ErrorCode.UNKNOWN_CERTIFICATE
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -323,7 +248,7 @@ class CAService:
         assert record is not None
         return Identity(
             tenant=tenant,
-            kind=_KIND_OF_RECORD[record.kind],
+            kind=KIND_OF_RECORD[record.kind],
             name=record.device_id,
             serial=record.serial,
             spki_sha256=record.spki_sha256,
@@ -810,29 +735,13 @@ class CAService:
         is asked before any full CRL, or for an unusable region.
         """
         authority = self._authority(tenant)
-        shard = _TENANT_SHARD if region is None else _check_region(region)
-        url = authority.policy.crl_url_for(region)
-        if region is not None and url is None:
-            raise ValueError(f"tenant {tenant!r} has no crl_url: region shard CRLs need one")
-        now = self._now()
-        base = await self._registry.last_crl_base(tenant, shard) if delta else None
-        if delta and base is None:
-            raise ValueError(f"no full CRL of {tenant}/{shard} yet: a delta CRL needs a base")
-        revoked = await self._registry.revoked_for_crl(
-            tenant, region=region, since=None if base is None else base.this_update
-        )
-        number = await self._registry.next_crl_number(tenant, shard)
-        crl = build_crl(
-            issuer_cert=authority.issuing, issuer_key=authority.key,
-            revoked=[(e.serial, e.revoked_at, RevocationReason(e.reason)) for e in revoked],
-            crl_number=number, this_update=now, next_update=now + self._crl_lifetime,
-            delta_of=None if base is None else base.crl_number,
-            shard=region, crl_url=url if region is not None else None,
-            delta_url=f"{url}.delta" if url is not None and not delta else None,
-        )
-        if not delta:
-            await self._registry.record_crl_base(tenant, shard, number, now)
-        return crl
+        if region is not None:
+            try:
+                _check_region(region)
+            except PolicyRefusal as exc:
+                raise ValueError(exc.text) from None
+        return await registry_crl(self._registry, authority, region=region, delta=delta, now=self._now(),
+                                  lifetime=self._crl_lifetime)
 
     async def snapshot(self, *, tenant: str, region: str, list_id: int) -> RevocationSnapshot:
         """The status list ``list_id`` of ``tenant``'s ``region`` feed as a wire snapshot.
@@ -840,13 +749,8 @@ class CAService:
         Raises :class:`UnknownStatusList` when there is no such list.
         """
         self._authority(tenant)
-        found = await self._registry.status_list(tenant, region, list_id)
-        if found is None:
-            raise UnknownStatusList(f"tenant {tenant!r} has no status list {list_id} in region {region!r}")
-        return RevocationSnapshot(
-            list_id=list_id, sequence=found.sequence, size=found.size,
-            bits=statuslist.compress(found.bits, found.size), time=self._now(),
-        )
+        return await registry_snapshot(self._registry, tenant=tenant, region=region, list_id=list_id,
+                                       now=self._now())
 
 
 def _record(pending: _Pending, result: SignResult) -> CertificateRecord:

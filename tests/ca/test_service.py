@@ -10,6 +10,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
+import broker_plugin.ca.claims as claims_module
+import broker_plugin.ca.feeds as feeds_module
+import broker_plugin.ca.identity as identity_module
 import broker_plugin.ca.service as service_module
 from broker_plugin.ca.claims import ClaimPolicy, load_claim_policy
 from broker_plugin.ca.policy import PolicyError
@@ -27,11 +30,13 @@ def kit(registry) -> Kit:  # type: ignore[no-untyped-def]
     return Kit(registry)
 
 
-def test_all_is_complete() -> None:
-    assert all(hasattr(service_module, n) for n in service_module.__all__)
-    public = {n for n, v in vars(service_module).items()
-              if not n.startswith("_") and getattr(v, "__module__", None) == service_module.__name__}
-    assert public <= set(service_module.__all__)
+@pytest.mark.parametrize("module", [service_module, claims_module, identity_module, feeds_module])
+def test_all_is_complete(module) -> None:  # type: ignore[no-untyped-def]
+    assert all(hasattr(module, n) for n in module.__all__)
+    public = {n for n, v in vars(module).items()
+              if not n.startswith("_") and getattr(v, "__module__", None) == module.__name__}
+    assert public <= set(module.__all__)
+    assert all(getattr(module, n).__doc__ for n in public)
 
 
 async def test_claim_provisions_an_operational_certificate(kit: Kit) -> None:
