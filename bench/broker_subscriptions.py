@@ -109,7 +109,7 @@ def _serve(kind: str, root: str, ports: Any, stop: Any) -> None:
                     "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
                 }
             )
-        else:
+        else:  # "hardened", or "hardened-bigbuf" (asyncio's 256 KiB TLS buffer kept, for comparison)
             from broker_plugin.broker import HardenedBroker
             from broker_plugin.tlsconf import server_context
 
@@ -117,6 +117,7 @@ def _serve(kind: str, root: str, ports: Any, stop: Any) -> None:
                 certfile=f"{root}/server.pem",
                 keyfile=f"{root}/server.key",
                 client_ca_pems=[Path(root, "chain.pem").read_bytes()],
+                small_buffers=kind != "hardened-bigbuf",
             )
             broker = HardenedBroker({"listeners": {"default": listener}}, ssl_context=context)
         await broker.start()
