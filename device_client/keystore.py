@@ -233,7 +233,8 @@ class Pkcs11KeyStore:
         if not Path(module).is_file():
             raise KeyStoreError(f"PKCS#11 module {module} does not exist")
         try:
-            token = pkcs11.lib(os.fspath(module)).get_token(token_label=token_label)
+            # resolved: python-pkcs11 caches libraries by path string, and a second C_Initialize fails
+            token = pkcs11.lib(os.fspath(Path(module).resolve())).get_token(token_label=token_label)
         except pkcs11.NoSuchToken:
             raise KeyStoreError(f"no PKCS#11 token labelled {token_label!r} in {module}") from None
         try:
