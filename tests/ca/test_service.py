@@ -339,3 +339,19 @@ async def test_issue_direct_checks_the_csr(kit: Kit) -> None:
     assert (await kit.service.identify(cert)).kind is IdentityKind.DEVICE
     entries = [e async for e in kit.registry.audit_entries() if e.kind == "issue"]
     assert entries[-1].actor == "line-3" and entries[-1].details["kind"] == "factory"
+
+
+async def test_broken_signer_gives_transient_errors_and_issues_nothing(kit: Kit) -> None:
+    claim = await kit.claim_credential("acme", "claim-1")
+
+    async def broken(jobs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("worker pool died")
+
+    kit.signer.sign = broken  # type: ignore[method-assign]
+    request_id = rid()
+    _, reply = only_reply(await kit.provision(claim, "sensor-1", request_id=request_id))
+    assert isinstance(reply, Error) and reply.code == ErrorCode.INTERNAL and reply.transient
+    assert reply.request_id == request_id
+    assert await kit.registry.certificates_for_device("acme", "sensor-1") == []
+    assert await kit.registry.claim_uses("acme", "claim-1") == []
+    assert (await kit.refusals())[-1]["code"] == ErrorCode.INTERNAL
