@@ -332,6 +332,8 @@ async def test_hardened_dollar_publish_dropped_client_kept(hardened: HardenedBro
     assert await listener.subscribe("$certmq/#") == 0
     client, _ = await connect(port, pki.client_context("dev1"), "dev1")
     await client.publish("$certmq/x", b"x", qos=1)
+    puback = await client.read_packet()
+    assert puback is not None and puback.kind == 4  # acknowledged like an ACL denial, then dropped
     assert await client.ping()
     assert await client.subscribe("dev1/x") == 0
     assert await listener.messages(0.5) == []
