@@ -320,7 +320,10 @@ class DeviceClient:
                 fut.set_result(message)
                 return
         if self.on_message is not None:
-            self.on_message(incoming)
+            try:
+                self.on_message(incoming)
+            except Exception:  # a bad feed message must not stop the reader (and with it every reply)
+                log.exception("on_message failed for %s", incoming.topic)
 
     # -- one request -----------------------------------------------------------------
 
