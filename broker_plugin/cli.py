@@ -43,8 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        print(f"certmq {args[0]}: missing dependency {exc.name!r}; install certmq[broker] "
-              f"(pip install 'certmq[broker]')", file=sys.stderr)
+        extra = "device" if args[0] == "device" else "broker"
+        print(f"certmq {args[0]}: missing dependency {exc.name!r}; install it with "
+              f"pip install 'certmq[{extra}]'", file=sys.stderr)
         return 2
     parser = argparse.ArgumentParser(prog=f"certmq {args[0]}", description=text)
     module.configure(parser)
