@@ -16,10 +16,10 @@ import abc
 import datetime as dt
 import enum
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from protocol.codes import ErrorCode, RevocationReason
@@ -38,6 +38,7 @@ __all__ = [
     "ClaimUse",
     "CrlBase",
     "DuplicateSerial",
+    "IssuanceItem",
     "RegistryError",
     "Registry",
     "RequestIdReused",
@@ -58,6 +59,9 @@ __all__ = [
 ]
 
 SERIAL_BITS = 160  #: RFC 5280: at most 20 octets
+_MAX_PARAMS = 900  # per multi-row statement: below every SQLite build's variable limit (999 before 3.32)
+
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- errors
@@ -224,6 +228,38 @@ class ClaimSpend:
 
 
 @dataclass(frozen=True, kw_only=True)
+class IssuanceItem:
+    """One certificate for :meth:`Registry.commit_issuances`: the arguments of one
+    :meth:`Registry.commit_issuance` call (record, request key, audit event, claim spend)."""
+
+    record: CertificateRecord
+    request: RequestKey | None
+    audit: AuditEvent
+    claim: ClaimSpend | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.record, CertificateRecord):
+            raise TypeError("record must be a CertificateRecord")
+        if self.record.status is not CertificateStatus.ACTIVE:
+            raise ValueError("a newly issued certificate must be active")
+        if self.request is not None and not isinstance(self.request, RequestKey):
+            raise TypeError("request must be a RequestKey or None")
+        if not isinstance(self.audit, AuditEvent):
+            raise TypeError("audit must be an AuditEvent")
+        if self.claim is not None:
+            if not isinstance(self.claim, ClaimSpend):
+                raise TypeError("claim must be a ClaimSpend or None")
+            uses = self.claim.max_uses
+            if isinstance(uses, bool) or not isinstance(uses, int) or uses < 0:
+                raise ValueError("max_uses must be an int >= 0")
+
+
+class _Contended(Exception):
+    """The one-pass batch commit met something unusual (a known request key, a serial or slot clash,
+    a claim short of uses): its transaction is rolled back and the batch redone item by item."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class TenantRecord:
     """A tenant and its configuration (policy, profiles) exactly as the caller stored it."""
 
@@ -344,6 +380,16 @@ def _cert(row: Any) -> CertificateRecord:
     )
 
 
+def _cert_row(record: CertificateRecord) -> tuple[Any, ...]:
+    # The values of _CERT_COLS for a newly issued (active) certificate.
+    return (
+        record.tenant, serial_hex(record.serial), record.device_id, record.profile, record.region,
+        str(record.status), to_epoch(record.not_before), to_epoch(record.not_after), record.der,
+        record.spki_sha256, record.status_list_id, record.status_index, to_epoch(record.issued_at), None, None,
+        str(record.kind), None if record.replaced_serial is None else serial_hex(record.replaced_serial),
+    )
+
+
 def _entry(row: Any) -> AuditEntry:
     return AuditEntry(
         seq=int(row["seq"]),
@@ -384,6 +430,15 @@ class Registry(abc.ABC):
     def _transaction(self, *, write: bool) -> AbstractAsyncContextManager[Tx]:
         """One transaction: committed when the block ends normally, rolled back on any exception."""
 
+    async def _run(self, body: Callable[[Tx], Awaitable[T]], *, write: bool) -> T:
+        """Run ``body(tx)`` as one transaction and return its result (rolled back if it raises).
+
+        ``body`` may await nothing but ``tx``'s methods: that lets a backend run it whole
+        somewhere else (the SQLite backend runs it on its database thread, one hop in all).
+        """
+        async with self._transaction(write=write) as tx:
+            return await body(tx)
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections and threads. Idempotent."""
@@ -413,8 +468,7 @@ class Registry(abc.ABC):
 
     async def audit_refusal(self, event: AuditEvent) -> AuditEntry:
         """Append a refusal (or any other event that changes no state) to the audit trail."""
-        async with self._transaction(write=True) as tx:
-            return await self._append_audit(tx, event)
+        return await self._run(lambda tx: self._append_audit(tx, event), write=True)
 
     async def audit_entries(self, since_seq: int = 0, *, page: int = 500) -> AsyncIterator[AuditEntry]:
         """Yield audit entries with ``seq > since_seq`` in ascending order (paged reads)."""
@@ -450,8 +504,7 @@ class Registry(abc.ABC):
         self, tenant: str, identity: str, request_id: bytes
     ) -> tuple[bytes, CertificateRecord] | None:
         """``(fingerprint, certificate)`` already issued for this request key, or None."""
-        async with self._transaction(write=False) as tx:
-            return await self._find_request(tx, tenant, identity, request_id)
+        return await self._run(lambda tx: self._find_request(tx, tenant, identity, request_id), write=False)
 
     async def _find_request(
         self, tx: Tx, tenant: str, identity: str, request_id: bytes
@@ -485,56 +538,188 @@ class Registry(abc.ABC):
         claim credential is spent in the same transaction (:class:`ClaimRefused` when none is left).
         Compare ``result.serial == record.serial`` to tell a fresh commit from a replay.
         """
-        if not isinstance(record, CertificateRecord):
-            raise TypeError("record must be a CertificateRecord")
-        if record.status is not CertificateStatus.ACTIVE:
-            raise ValueError("a newly issued certificate must be active")
-        serial = serial_hex(record.serial)
-        async with self._transaction(write=True) as tx:
-            if request is not None:
-                # Insert the key first: a concurrent commit of the same key waits here (PG) and
-                # then finds the winner's row instead of issuing a second certificate.
-                won = await tx.fetchrow(
-                    "INSERT INTO requests (tenant, identity, request_id, serial, fingerprint, created_at) "
-                    "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING serial",
-                    record.tenant, request.identity, request.request_id, serial, request.fingerprint,
-                    to_epoch(record.issued_at),
-                )
-                if won is None:
-                    found = await self._find_request(tx, record.tenant, request.identity, request.request_id)
-                    assert found is not None
-                    if found[0] != request.fingerprint:
-                        raise RequestIdReused(
-                            f"request id {request.request_id.hex()} of {request.identity!r} was already used "
-                            "for a different request"
-                        )
-                    return found[1]
-            clash = await tx.fetchrow(
-                "INSERT INTO certificates (" + _CERT_COLS + ") VALUES "
-                "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) "
-                "ON CONFLICT DO NOTHING RETURNING serial",
-                record.tenant, serial, record.device_id, record.profile, record.region, str(record.status),
-                to_epoch(record.not_before), to_epoch(record.not_after), record.der, record.spki_sha256,
-                record.status_list_id, record.status_index, to_epoch(record.issued_at), None, None,
-                str(record.kind), None if record.replaced_serial is None else serial_hex(record.replaced_serial),
+        [result] = await self.commit_issuances(
+            [IssuanceItem(record=record, request=request, audit=audit, claim=claim)]
+        )
+        if isinstance(result, RegistryError):
+            raise result
+        return result
+
+    async def commit_issuances(self, items: Sequence[IssuanceItem]) -> list[CertificateRecord | RegistryError]:
+        """Commit a batch of issuances in ONE transaction; one result per item, in order.
+
+        Each item behaves exactly like its own :meth:`commit_issuance`: the stored (or, for a
+        replay, the existing) certificate, or the error that call would raise —
+        :class:`RequestIdReused`, :class:`DuplicateSerial`, :class:`ClaimRefused`,
+        :class:`UnknownClaim` — returned in its place while the other items still commit. Audit
+        entries are appended in item order. Any other failure (driver, bad audit details) rolls
+        the whole batch back: nothing of it is written.
+        """
+        batch = list(items)
+        for item in batch:
+            if not isinstance(item, IssuanceItem):
+                raise TypeError("commit_issuances takes IssuanceItem values")
+            serial_hex(item.record.serial)
+        if not batch:
+            return []
+        try:
+            return await self._run(lambda tx: self._commit_batch(tx, batch), write=True)
+        except _Contended:
+            return await self._run(lambda tx: self._commit_each(tx, batch), write=True)
+
+    async def _insert_rows(
+        self, tx: Tx, table: str, columns: str, rows: Sequence[Sequence[Any]], returning: str
+    ) -> list[Any]:
+        # Multi-row VALUES (...), (...): one statement for many rows on both dialects.
+        out: list[Any] = []
+        width = len(rows[0]) if rows else 0
+        step = max(1, _MAX_PARAMS // max(width, 1))
+        for start in range(0, len(rows), step):
+            chunk = rows[start:start + step]
+            values = ", ".join(
+                "(" + ", ".join(f"${i * width + j + 1}" for j in range(width)) + ")" for i in range(len(chunk))
             )
-            if clash is None:
-                raise DuplicateSerial(
-                    f"tenant {record.tenant!r} already has serial {serial} or status slot "
-                    f"{record.region}/{record.status_list_id}/{record.status_index}"
-                )
-            if claim is not None:
-                await self._spend_claim(tx, record.tenant, claim.claim_id, record.device_id, serial,
-                                        to_epoch(record.issued_at), claim.max_uses)
-            await self._append_audit(tx, audit)
+            args = [v for row in chunk for v in row]
+            out.extend(await tx.fetch(
+                f"INSERT INTO {table} ({columns}) VALUES {values} ON CONFLICT DO NOTHING RETURNING {returning}",
+                *args,
+            ))
+        return out
+
+    async def _commit_batch(self, tx: Tx, batch: list[IssuanceItem]) -> list[CertificateRecord | RegistryError]:
+        """The common case in a few statements: every key new, no clash, enough claim uses."""
+        keys = [(i.record.tenant, i.request.identity, i.request.request_id) for i in batch if i.request is not None]
+        serials = [(i.record.tenant, i.record.serial) for i in batch]
+        slots = [(i.record.tenant, i.record.region, i.record.status_list_id, i.record.status_index)
+                 for i in batch if i.record.status_index is not None]
+        if len(set(keys)) != len(keys) or len(set(serials)) != len(serials) or len(set(slots)) != len(slots):
+            raise _Contended
+        keyed = sorted((i for i in batch if i.request is not None),
+                       key=lambda i: (i.record.tenant, i.request.identity, i.request.request_id))  # type: ignore[union-attr]
+        if keyed:
+            won = await self._insert_rows(
+                tx, "requests", "tenant, identity, request_id, serial, fingerprint, created_at",
+                [(i.record.tenant, i.request.identity, i.request.request_id, serial_hex(i.record.serial),  # type: ignore[union-attr]
+                  i.request.fingerprint, to_epoch(i.record.issued_at)) for i in keyed],  # type: ignore[union-attr]
+                "serial",
+            )
+            if len(won) != len(keyed):
+                raise _Contended
+        stored = await self._insert_rows(tx, "certificates", _CERT_COLS, [_cert_row(i.record) for i in batch], "serial")
+        if len(stored) != len(batch):
+            raise _Contended
+        spends: dict[tuple[str, str], list[IssuanceItem]] = {}
+        for item in batch:
+            if item.claim is not None:
+                spends.setdefault((item.record.tenant, item.claim.claim_id), []).append(item)
+        uses_rows: list[tuple[Any, ...]] = []
+        for (tenant, claim_id), spenders in sorted(spends.items()):
+            row = await tx.fetchrow(
+                "SELECT uses FROM claims WHERE tenant = $1 AND claim_id = $2 FOR UPDATE", tenant, claim_id
+            )
+            if row is None:
+                raise _Contended
+            uses = int(row["uses"])
+            for item in spenders:
+                assert item.claim is not None
+                if uses >= item.claim.max_uses:
+                    raise _Contended
+                uses += 1
+                uses_rows.append((tenant, claim_id, uses, item.record.device_id, serial_hex(item.record.serial),
+                                  to_epoch(item.record.issued_at)))
+            await tx.execute("UPDATE claims SET uses = $3 WHERE tenant = $1 AND claim_id = $2", tenant, claim_id, uses)
+        if uses_rows:
+            await self._insert_rows(tx, "claim_uses", "tenant, claim_id, use_no, device_id, serial, at", uses_rows,
+                                    "use_no")
+        await self._append_audits(tx, [i.audit for i in batch])
+        return [i.record for i in batch]
+
+    async def _commit_each(self, tx: Tx, batch: list[IssuanceItem]) -> list[CertificateRecord | RegistryError]:
+        """Item by item, each under a SAVEPOINT, so a refused item leaves no trace and the rest commit."""
+        results: list[CertificateRecord | RegistryError] = []
+        fresh: list[AuditEvent] = []
+        for item in batch:
+            await tx.execute("SAVEPOINT certmq_item")
+            try:
+                result = await self._commit_one(tx, item)
+            except (RequestIdReused, DuplicateSerial, ClaimRefused, UnknownClaim) as exc:
+                await tx.execute("ROLLBACK TO SAVEPOINT certmq_item")
+                await tx.execute("RELEASE SAVEPOINT certmq_item")
+                results.append(exc)
+                continue
+            await tx.execute("RELEASE SAVEPOINT certmq_item")
+            results.append(result)
+            if result is item.record:
+                fresh.append(item.audit)
+        # Audit last, like a single commit: the chain head is the last lock taken.
+        await self._append_audits(tx, fresh)
+        return results
+
+    async def _commit_one(self, tx: Tx, item: IssuanceItem) -> CertificateRecord:
+        record, request, claim = item.record, item.request, item.claim
+        serial = serial_hex(record.serial)
+        if request is not None:
+            # Insert the key first: a concurrent commit of the same key waits here (PG) and
+            # then finds the winner's row instead of issuing a second certificate.
+            won = await tx.fetchrow(
+                "INSERT INTO requests (tenant, identity, request_id, serial, fingerprint, created_at) "
+                "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING serial",
+                record.tenant, request.identity, request.request_id, serial, request.fingerprint,
+                to_epoch(record.issued_at),
+            )
+            if won is None:
+                found = await self._find_request(tx, record.tenant, request.identity, request.request_id)
+                assert found is not None
+                if found[0] != request.fingerprint:
+                    raise RequestIdReused(
+                        f"request id {request.request_id.hex()} of {request.identity!r} was already used "
+                        "for a different request"
+                    )
+                return found[1]
+        clash = await tx.fetchrow(
+            "INSERT INTO certificates (" + _CERT_COLS + ") VALUES "
+            "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) "
+            "ON CONFLICT DO NOTHING RETURNING serial",
+            *_cert_row(record),
+        )
+        if clash is None:
+            raise DuplicateSerial(
+                f"tenant {record.tenant!r} already has serial {serial} or status slot "
+                f"{record.region}/{record.status_list_id}/{record.status_index}"
+            )
+        if claim is not None:
+            await self._spend_claim(tx, record.tenant, claim.claim_id, record.device_id, serial,
+                                    to_epoch(record.issued_at), claim.max_uses)
         return record
+
+    async def _append_audits(self, tx: Tx, events: Sequence[AuditEvent]) -> list[AuditEntry]:
+        """Append ``events`` in order: one head lock, one multi-row insert, one head update."""
+        if len(events) <= 1:
+            return [await self._append_audit(tx, e) for e in events]
+        head = await tx.fetchrow("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+        if head is None:
+            raise RegistryError("audit head row missing: database not initialised by certmq")
+        seq, prev = int(head["seq"]), bytes(head["hash"])
+        entries = []
+        for event in events:
+            entry = _audit.seal(event, seq=seq + 1, prev_hash=prev)
+            entries.append(entry)
+            seq, prev = entry.seq, entry.hash
+        await self._insert_rows(
+            tx, "audit_log", "seq, time, tenant, kind, actor, subject, details, prev_hash, hash",
+            [(e.seq, to_epoch(e.time), e.tenant, e.kind, e.actor, e.subject, _audit.canonical_json(e.details),
+              e.prev_hash, e.hash) for e in entries],
+            "seq",
+        )
+        await tx.execute("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1", seq, prev)
+        return entries
 
     async def get_certificate(self, tenant: str, serial: int) -> CertificateRecord | None:
         """The certificate with this serial in this tenant, or None."""
-        async with self._transaction(write=False) as tx:
-            row = await tx.fetchrow(
-                f"SELECT {_CERT_COLS} FROM certificates WHERE tenant = $1 AND serial = $2", tenant, serial_hex(serial)
-            )
+        serial_text = serial_hex(serial)
+        row = await self._run(lambda tx: tx.fetchrow(
+            f"SELECT {_CERT_COLS} FROM certificates WHERE tenant = $1 AND serial = $2", tenant, serial_text
+        ), write=False)
         return None if row is None else _cert(row)
 
     async def certificates_for_device(
@@ -548,8 +733,7 @@ class Registry(abc.ABC):
             sql += f" AND profile = ${len(args)}"
         if active_only:
             sql += " AND status = 'active'"
-        async with self._transaction(write=False) as tx:
-            rows = await tx.fetch(sql + " ORDER BY issued_at, serial", *args)
+        rows = await self._run(lambda tx: tx.fetch(sql + " ORDER BY issued_at, serial", *args), write=False)
         return [_cert(r) for r in rows]
 
     async def expiring(self, tenant: str, before: dt.datetime) -> list[CertificateRecord]:
@@ -579,36 +763,59 @@ class Registry(abc.ABC):
         A full list rolls over to ``list_id + 1`` (created with ``capacity`` bits). Lists start
         at id 1. Not audited: a reservation changes no certificate's state.
         """
+        [slot] = await self.allocate_status_indices(tenant, region, capacity, 1)
+        return slot
+
+    async def allocate_status_indices(
+        self, tenant: str, region: str, capacity: int, count: int
+    ) -> list[tuple[int, int]]:
+        """Reserve ``count`` consecutive free slots in one transaction, in allocation order.
+
+        Exactly what ``count`` calls of :meth:`allocate_status_index` would return: a list that
+        fills up mid-batch rolls over to the next one (created with ``capacity`` bits).
+        """
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
             raise ValueError("capacity must be a positive int")
-        async with self._transaction(write=True) as tx:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError("count must be an int >= 0")
+        if count == 0:
+            return []
+
+        async def body(tx: Tx) -> list[tuple[int, int]]:
             feed = await self._lock_feed(tx, tenant, region)
             list_id = int(feed["current_list_id"])
             lst = await tx.fetchrow(
                 "SELECT capacity, next_index FROM status_lists WHERE tenant = $1 AND region = $2 AND list_id = $3 "
                 "FOR UPDATE", tenant, region, list_id,
             )
-            if lst is not None and int(lst["next_index"]) >= int(lst["capacity"]):
-                list_id += 1
-                lst = None
+            have = lst is not None
+            size, nxt = (int(lst["capacity"]), int(lst["next_index"])) if have else (0, 0)
+            out: list[tuple[int, int]] = []
+            while len(out) < count:
+                if have and nxt >= size:
+                    list_id += 1
+                    have = False
+                    await tx.execute(
+                        "UPDATE status_feeds SET current_list_id = $3 WHERE tenant = $1 AND region = $2",
+                        tenant, region, list_id,
+                    )
+                if not have:
+                    await tx.execute(
+                        "INSERT INTO status_lists (tenant, region, list_id, capacity, next_index, sequence, bits) "
+                        "VALUES ($1, $2, $3, $4, 0, $5, $6)",
+                        tenant, region, list_id, capacity, int(feed["sequence"]), bytes((capacity + 7) // 8),
+                    )
+                    have, size, nxt = True, capacity, 0
+                take = min(count - len(out), size - nxt)
+                out.extend((list_id, i) for i in range(nxt, nxt + take))
+                nxt += take
                 await tx.execute(
-                    "UPDATE status_feeds SET current_list_id = $3 WHERE tenant = $1 AND region = $2",
-                    tenant, region, list_id,
+                    "UPDATE status_lists SET next_index = $4 WHERE tenant = $1 AND region = $2 AND list_id = $3",
+                    tenant, region, list_id, nxt,
                 )
-            if lst is None:
-                await tx.execute(
-                    "INSERT INTO status_lists (tenant, region, list_id, capacity, next_index, sequence, bits) "
-                    "VALUES ($1, $2, $3, $4, 0, $5, $6)",
-                    tenant, region, list_id, capacity, int(feed["sequence"]), bytes((capacity + 7) // 8),
-                )
-                index = 0
-            else:
-                index = int(lst["next_index"])
-            await tx.execute(
-                "UPDATE status_lists SET next_index = $4 WHERE tenant = $1 AND region = $2 AND list_id = $3",
-                tenant, region, list_id, index + 1,
-            )
-        return list_id, index
+            return out
+
+        return await self._run(body, write=True)
 
     async def _lock_feed(self, tx: Tx, tenant: str, region: str) -> Any:
         sql = "SELECT sequence, current_list_id FROM status_feeds WHERE tenant = $1 AND region = $2 FOR UPDATE"
@@ -883,8 +1090,9 @@ class Registry(abc.ABC):
 
     async def get_claim(self, tenant: str, claim_id: str) -> ClaimRecord | None:
         """The claim credential ``claim_id`` of ``tenant``, or None."""
-        async with self._transaction(write=False) as tx:
-            row = await tx.fetchrow("SELECT * FROM claims WHERE tenant = $1 AND claim_id = $2", tenant, claim_id)
+        row = await self._run(lambda tx: tx.fetchrow(
+            "SELECT * FROM claims WHERE tenant = $1 AND claim_id = $2", tenant, claim_id
+        ), write=False)
         return None if row is None else self._claim(row)
 
     async def claim_uses(self, tenant: str, claim_id: str) -> list[ClaimUse]:
@@ -909,10 +1117,12 @@ class Registry(abc.ABC):
         """
         serial_text = serial_hex(serial)
         epoch = to_epoch(at)
-        async with self._transaction(write=True) as tx:
+        async def body(tx: Tx) -> ClaimUse:
             use = await self._spend_claim(tx, tenant, claim_id, device_id, serial_text, epoch, max_uses)
             await self._append_audit(tx, audit)
-        return use
+            return use
+
+        return await self._run(body, write=True)
 
     async def _spend_claim(
         self, tx: Tx, tenant: str, claim_id: str, device_id: str, serial_text: str, epoch: int, max_uses: int
