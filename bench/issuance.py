@@ -51,8 +51,9 @@ from protocol.topics import provisioning_request_topic  # noqa: E402
 
 PASS = b"bench-passphrase"
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
-BATCH = 128       # requests per handle_many call (what an adapter hands the core at load)
+BATCH = 64        # requests per handle_many call / the service's coalescing limit
 CONCURRENCY = 2   # handle_many calls in flight
+CALLERS = 512     # concurrent handle() calls (connection handlers with a request outstanding)
 
 
 def make_csrs(n: int) -> list[tuple[str, bytes]]:
@@ -127,12 +128,18 @@ class TimedSigner:
 
 
 async def core_rate(workdir: Path, label: str, authorities: dict[str, TenantAuthority], signer: Any,
-                    csrs: list[tuple[str, bytes]], tenant: str) -> tuple[float, float]:
-    """(b)/(c): handle_many over provisioning requests of one claim credential; (rate, signing share)."""
-    db = workdir / f"{label}.db"
+                    csrs: list[tuple[str, bytes]], tenant: str, *, mode: str = "batches") -> tuple[float, float]:
+    """(b)/(c): provisioning requests of one claim credential through the service; (rate, signing share).
+
+    ``mode="batches"``: ``handle_many`` batches of BATCH, CONCURRENCY in flight (an adapter that
+    batches itself); ``mode="calls"``: every request its own concurrent ``handle()`` call (up to
+    CALLERS at once, like the broker's connection handlers), gathered by the service's collector.
+    """
+    db = workdir / f"{label}-{mode}.db"
     registry = await open_registry(f"sqlite:///{db}")
     timed = TimedSigner(signer)
-    service = CAService(registry=registry, authorities=authorities, signer=timed, clock=lambda: dt.datetime.now(dt.UTC))
+    service = CAService(registry=registry, authorities=authorities, signer=timed,
+                        clock=lambda: dt.datetime.now(dt.UTC), coalesce=BATCH if mode == "calls" else 0)
     try:
         await service.register_claim(tenant=tenant, claim_id="factory-claim", actor="bench",
                                      policy=ClaimPolicy(pattern="sensor-*", max_uses=len(csrs) + 1,
@@ -150,16 +157,24 @@ async def core_rate(workdir: Path, label: str, authorities: dict[str, TenantAuth
                                        provisioning=ProvisioningParameters(device_id=device))))
             for device, der in csrs
         ]
-        batches = [items[i:i + BATCH] for i in range(0, len(items), BATCH)]
         timed.seconds = 0.0
-        issued = 0
+        outcomes: list[Any] = []
         start = time.perf_counter()
-        for i in range(0, len(batches), CONCURRENCY):
-            for outcomes in await asyncio.gather(*(service.handle_many(b) for b in batches[i:i + CONCURRENCY])):
-                for outcome in outcomes:
-                    if isinstance(decode(outcome.replies[0].payload), CertificateIssued):
-                        issued += 1
+        if mode == "batches":
+            batches = [items[i:i + BATCH] for i in range(0, len(items), BATCH)]
+            for i in range(0, len(batches), CONCURRENCY):
+                for done in await asyncio.gather(*(service.handle_many(b) for b in batches[i:i + CONCURRENCY])):
+                    outcomes.extend(done)
+        else:
+            gate = asyncio.Semaphore(CALLERS)
+
+            async def call(item: Any) -> Any:
+                async with gate:
+                    return await service.handle(*item)
+
+            outcomes = list(await asyncio.gather(*(call(item) for item in items)))
         elapsed = time.perf_counter() - start
+        issued = sum(isinstance(decode(o.replies[0].payload), CertificateIssued) for o in outcomes)
         if issued != len(items):
             raise SystemExit(f"{label}: only {issued} of {len(items)} requests were issued")
         if not (await registry.verify_audit()).ok:
@@ -216,11 +231,23 @@ def line(name: str, rate: float, raw: float | None = None, extra: str = "") -> N
     print(f"  {name:<58} {rate:8.0f} cert/s{ratio}{extra}", flush=True)
 
 
+def report(core: dict[str, float], raw: float, raw_again: float, workers: int) -> int:
+    """Print core/raw per path against the mean of the two raw runs (goal >= 0.8)."""
+    ref = (raw + raw_again) / 2
+    one = max(core["inline-batches"], core["inline-calls"])
+    many = max(core["pool-batches"], core["pool-calls"])
+    print(f"core/raw (raw = mean of both raw runs, {ref:.0f}/s): one process {one / ref:.2f}, "
+          f"{workers} workers {many / ref:.2f} (goal >= 0.8: "
+          f"one process {'met' if one / ref >= 0.8 else 'MISSED'}, workers {'met' if many / ref >= 0.8 else 'MISSED'})")
+    return 0
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=2000, help="certificates per P-256 measurement")
     parser.add_argument("--workers", type=int, default=2, help="signing worker processes for (c)")
     parser.add_argument("--n-slow", type=int, default=None, help="certificates for ML-DSA / SoftHSM (default n/4)")
+    parser.add_argument("--p256-only", action="store_true", help="skip the ML-DSA-44 and SoftHSM2 rows")
     args = parser.parse_args()
     n_slow = args.n_slow or max(args.n // 4, 50)
     work = Path(tempfile.mkdtemp(prefix="certmq-bench-"))
@@ -231,7 +258,8 @@ async def main() -> int:
         authorities = load_authorities(data, passphrase=PASS)
         acme = {"acme": authorities["acme"]}
         print(f"certmq issuance bench: n={args.n}, workers={args.workers}, CPUs={os.cpu_count()}, "
-              f"batches of {BATCH} x {CONCURRENCY} in flight, SQLite registry (WAL, synchronous=FULL)", flush=True)
+              f"batches of {BATCH} x {CONCURRENCY} in flight or {CALLERS} concurrent handle() calls, "
+              f"SQLite registry (WAL, synchronous=FULL)", flush=True)
         t = time.perf_counter()
         csrs = make_csrs(args.n)
         print(f"  (generated {args.n} P-256 device keys + CSRs in {time.perf_counter() - t:.1f} s, not counted)")
@@ -240,15 +268,24 @@ async def main() -> int:
         raw = raw_rate(authorities["acme"], csrs)
         line("(a) raw: load CSR + verify + build + sign", raw, raw)
         line("    signer alone: certmq checks + issuer (run_job)", await signer_rate(authorities["acme"], csrs), raw)
-        core1, share1 = await core_rate(work, "inline", acme, InlineSigner(acme), csrs, "acme")
-        line("(b) core path, one process (InlineSigner)", core1, raw, f"  (signing {share1:.0%} of the time)")
-        pool = ProcessPoolSigner(authority_material(data, passphrase=PASS, only="acme"), workers=args.workers)
-        core2, share2 = await core_rate(work, "pool", acme, pool, csrs, "acme")
-        line(f"(c) core path, {args.workers} worker processes (ProcessPoolSigner)", core2, raw,
-             f"  (waiting on workers {share2:.0%}; {pool.round_trips} round trips)")
+        core: dict[str, float] = {}
+        for mode, how in (("batches", f"handle_many x{BATCH}"), ("calls", f"{CALLERS} concurrent handle()")):
+            rate, share = await core_rate(work, "inline", acme, InlineSigner(acme), csrs, "acme", mode=mode)
+            core[f"inline-{mode}"] = rate
+            line(f"(b) core, one process (InlineSigner), {how}", rate, raw, f"  (signing {share:.0%} of the time)")
+        for mode, how in (("batches", f"handle_many x{BATCH}"), ("calls", f"{CALLERS} concurrent handle()")):
+            pool = ProcessPoolSigner(authority_material(data, passphrase=PASS, only="acme"), workers=args.workers)
+            rate, share = await core_rate(work, "pool", acme, pool, csrs, "acme", mode=mode)
+            core[f"pool-{mode}"] = rate
+            line(f"(c) core, {args.workers} workers (ProcessPoolSigner), {how}", rate, raw,
+                 f"  (waiting on workers {share:.0%}; {pool.round_trips} round trips)")
+        raw_again = raw_rate(authorities["acme"], csrs)
+        line("(a) raw again, after the core runs", raw_again, raw)
         slots, audits = await registry_rates(work, min(args.n, 1000))
         line("    registry alone: status-slot reservation, 1 txn each", slots, extra="  (transactions/s)")
         line("    registry alone: audit append, 1 txn each", audits, extra="  (transactions/s)")
+        if args.p256_only:
+            return report(core, raw, raw_again, args.workers)
 
         print("ML-DSA-44 CA key (file):")
         pq = {"pq": authorities["pq"]}
@@ -273,10 +310,7 @@ async def main() -> int:
         if callable(close):
             close()
 
-        best = max(core1, core2)
-        print(f"core/raw: one process {core1 / raw:.2f}, {args.workers} workers {core2 / raw:.2f} "
-              f"(goal >= 0.8: {'met' if best / raw >= 0.8 else 'MISSED'})")
-        return 0
+        return report(core, raw, raw_again, args.workers)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

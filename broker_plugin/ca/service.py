@@ -43,6 +43,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import datetime as dt
 import hashlib
@@ -92,7 +93,9 @@ from ..store.base import (
     ClaimRefused,
     ClaimSpend,
     DuplicateSerial,
+    IssuanceItem,
     Registry,
+    RegistryError,
     RequestIdReused,
     RequestKey,
     UnknownCertificate,
@@ -173,6 +176,9 @@ class CAService:
 
     ``clock`` returns aware UTC datetimes (truncated to whole seconds here); ``rng_bytes`` draws
     serials. ``crl_lifetime`` is the time from a CRL's thisUpdate to its nextUpdate.
+    ``coalesce`` > 1 gathers concurrent :meth:`handle` calls into :meth:`handle_many` batches of
+    at most that many requests (up to ``coalesce_in_flight`` batches at once; a batch waits at
+    most ``coalesce_linger`` seconds for company, and only while another batch is in flight).
     """
 
     def __init__(
@@ -184,6 +190,9 @@ class CAService:
         clock: Callable[[], dt.datetime],
         rng_bytes: Callable[[int], bytes] = os.urandom,
         crl_lifetime: dt.timedelta = dt.timedelta(days=1),
+        coalesce: int = 0,
+        coalesce_linger: float = 0.002,
+        coalesce_in_flight: int = 2,
     ) -> None:
         for name, authority in authorities.items():
             if authority.name != name or authority.policy.name != name:
@@ -196,6 +205,22 @@ class CAService:
         self._clock = clock
         self._rng = rng_bytes
         self._crl_lifetime = crl_lifetime
+        if isinstance(coalesce, bool) or not isinstance(coalesce, int) or coalesce < 0:
+            raise ValueError("coalesce must be an int >= 0 (0: no gathering of handle() calls)")
+        if not 0 <= coalesce_linger <= 1:
+            raise ValueError("coalesce_linger must be between 0 and 1 second")
+        if isinstance(coalesce_in_flight, bool) or not isinstance(coalesce_in_flight, int) or coalesce_in_flight < 1:
+            raise ValueError("coalesce_in_flight must be an int >= 1")
+        self._coalesce = coalesce
+        self._linger = coalesce_linger
+        self._max_in_flight = coalesce_in_flight
+        self._queue: collections.deque[tuple[tuple[Identity, str, bytes], asyncio.Future[Outcome]]] = (
+            collections.deque()
+        )
+        self._collector: asyncio.Task[None] | None = None
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._reply_parts: dict[tuple[str, str, dt.datetime, dt.datetime],
+                                tuple[tuple[bytes, ...], RenewalWindow | None]] = {}
 
     def _now(self) -> dt.datetime:
         return _whole_seconds(self._clock())
@@ -259,17 +284,66 @@ class CAService:
     # ------------------------------------------------------------------ requests
 
     async def handle(self, identity: Identity, topic: str, payload: bytes) -> Outcome:
-        """Handle one publish of ``identity`` on ``topic``; exactly one reply unless none can be addressed."""
-        return (await self.handle_many([(identity, topic, payload)]))[0]
+        """Handle one publish of ``identity`` on ``topic``; exactly one reply unless none can be addressed.
+
+        Without ``coalesce`` this is ``handle_many([(identity, topic, payload)])[0]``; with it,
+        concurrent calls are gathered into :meth:`handle_many` batches (same outcomes). A caller
+        cancelled while waiting does not withdraw its request: its batch still runs.
+        """
+        item = (identity, topic, payload)
+        if self._coalesce <= 1:
+            return (await self.handle_many([item]))[0]
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        if self._collector is None or self._collector.done():
+            self._collector = asyncio.create_task(self._collect(), name="certmq-ca-collector")
+        return await future
+
+    async def _collect(self) -> None:
+        # Group commit: a batch leaves as soon as a slot is free; while batches are in flight,
+        # new calls pile up (at most coalesce_linger) and leave together.
+        while self._queue:
+            await asyncio.sleep(0)  # callers ready in this turn of the loop join the batch
+            if self._in_flight and len(self._queue) < self._coalesce:
+                deadline = asyncio.get_running_loop().time() + self._linger
+                while len(self._queue) < self._coalesce and asyncio.get_running_loop().time() < deadline:
+                    await asyncio.sleep(self._linger / 4)
+            while len(self._in_flight) >= self._max_in_flight:
+                await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+            batch = [self._queue.popleft() for _ in range(min(self._coalesce, len(self._queue)))]
+            if batch:
+                task = asyncio.create_task(self._run_batch(batch), name="certmq-ca-batch")
+                self._in_flight.add(task)
+                task.add_done_callback(self._in_flight.discard)
+
+    async def _run_batch(self, batch: list[tuple[tuple[Identity, str, bytes], asyncio.Future[Outcome]]]) -> None:
+        try:
+            outcomes = await self.handle_many([item for item, _ in batch])
+        except BaseException as exc:  # handle_many answers every request itself; this is a bug
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("batch cancelled"))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), outcome in zip(batch, outcomes):
+            if not future.done():
+                future.set_result(outcome)
 
     async def handle_many(self, items: Sequence[tuple[Identity, str, bytes]]) -> list[Outcome]:
-        """Handle a batch; every signature of the batch goes to one ``signer.sign`` call.
+        """Handle a batch; every signature of the batch goes to one ``signer.sign`` call, the
+        batch's status slots come from one reservation per (tenant, region), and its certificates
+        are committed in one registry transaction.
 
         Outcomes come back in the order of ``items``.
         """
         now = self._now()
         prepared = await asyncio.gather(*(self._prepare(ident, topic, payload, now) for ident, topic, payload in items))
         pending = [p for p in prepared if isinstance(p, _Pending)]
+        finished: dict[int, Outcome] = {}
+        if pending:
+            finished = await self._reserve(pending, now)
+            pending = [p for p in pending if id(p) not in finished]
         results: list[SignResult] | None = None
         if pending:
             try:
@@ -279,7 +353,6 @@ class CAService:
             except Exception:  # a broken backend: every request of the batch gets a transient error
                 log.exception("signing backend failed for a batch of %d jobs", len(pending))
                 results = None
-        finished: dict[int, Outcome] = {}
         if pending:
             if results is None:
                 outs = await asyncio.gather(*(
@@ -288,9 +361,30 @@ class CAService:
                     for p in pending
                 ))
             else:
-                outs = await asyncio.gather(*(self._finish(p, r, now) for p, r in zip(pending, results)))
-            finished = {id(p): o for p, o in zip(pending, outs)}
+                outs = await self._finish(pending, results, now)
+            finished.update({id(p): o for p, o in zip(pending, outs)})
         return [finished[id(p)] if isinstance(p, _Pending) else p for p in prepared]
+
+    async def _reserve(self, pending: list[_Pending], now: dt.datetime) -> dict[int, Outcome]:
+        """Give each job its status slot, one reservation per (tenant, region); the refusals of
+        requests whose reservation failed, by ``id`` of their pending entry."""
+        groups: dict[tuple[str, str], list[_Pending]] = {}
+        for p in pending:
+            groups.setdefault((p.job.tenant, p.region), []).append(p)
+        refused: dict[int, Outcome] = {}
+        for (tenant, region), members in groups.items():
+            try:
+                capacity = self._authority(tenant).policy.status_list_capacity
+                slots = await self._registry.allocate_status_indices(tenant, region, capacity, len(members))
+            except Exception:
+                log.exception("reserving %d status slots of %s/%s failed", len(members), tenant, region)
+                for p in members:
+                    refused[id(p)] = await self._refuse(p.identity, p.reply_topic, p.request_id, ErrorCode.INTERNAL,
+                                                        "internal error; retry later", p.topic, now)
+                continue
+            for p, slot in zip(members, slots):
+                p.job = dataclasses.replace(p.job, status_position=slot)
+        return refused
 
     def _reply_topic(self, identity: Identity, parsed: ParsedTopic | None) -> str | None:
         if parsed is not None and parsed.tenant == identity.tenant:
@@ -409,15 +503,20 @@ class CAService:
     def _issued(self, record: CertificateRecord, request_id: bytes, reply_topic: str | None) -> Outcome:
         if reply_topic is None:
             return Outcome(replies=())
-        authority = self._authority(record.tenant)
-        try:
-            profile_policy = authority.policy.profile(Profile.from_label(record.profile))
-        except (PolicyRefusal, ValueError):
-            profile_policy = None
-        message = CertificateIssued(
-            request_id=request_id, certificate=record.der, chain=authority.chain_der(),
-            renewal_window=_suggested_window(record, profile_policy),
-        )
+        # A batch's certificates share tenant, profile and validity: chain and window repeat.
+        key = (record.tenant, record.profile, record.not_before, record.not_after)
+        cached = self._reply_parts.get(key)
+        if cached is None:
+            authority = self._authority(record.tenant)
+            try:
+                profile_policy = authority.policy.profile(Profile.from_label(record.profile))
+            except (PolicyRefusal, ValueError):
+                profile_policy = None
+            if len(self._reply_parts) >= 256:
+                self._reply_parts.clear()
+            cached = self._reply_parts[key] = (authority.chain_der(), _suggested_window(record, profile_policy))
+        chain, window = cached
+        message = CertificateIssued(request_id=request_id, certificate=record.der, chain=chain, renewal_window=window)
         return Outcome(replies=(Outgoing(reply_topic, encode(message)),))
 
     async def _slot(self, tenant: str, region: str) -> tuple[int, int]:
@@ -432,7 +531,8 @@ class CAService:
         return NO_REGION if default is None else default
 
     def _job(
-        self, tenant: str, device_id: str, profile: Profile, region: str, slot: tuple[int, int], now: dt.datetime,
+        self, tenant: str, device_id: str, profile: Profile, region: str, slot: tuple[int, int] | None,
+        now: dt.datetime,
         *, csr: bytes | None = None, public_key_der: bytes | None = None,
     ) -> SignJob:
         return SignJob(
@@ -478,10 +578,9 @@ class CAService:
             raise PolicyRefusal(ErrorCode.CLAIM_REFUSED,
                                 f"device {device_id!r} is already provisioned; revoke its certificates first")
         region = self._region(identity.tenant, region_asked, policy.region)
-        slot = await self._slot(identity.tenant, region)
         return _Pending(
             identity=identity, reply_topic=reply_topic, topic=topic, request_id=message.request_id,
-            job=self._job(identity.tenant, device_id, message.profile, region, slot, now, csr=message.csr),
+            job=self._job(identity.tenant, device_id, message.profile, region, None, now, csr=message.csr),
             kind=CertificateKind.OPERATIONAL, region=region,
             request=RequestKey(identity=identity.key, request_id=message.request_id, fingerprint=fingerprint),
             claim=ClaimSpend(claim_id=identity.name, max_uses=policy.max_uses),
@@ -505,10 +604,9 @@ class CAService:
         own = await self._registry.get_certificate(identity.tenant, identity.serial)
         own_region = None if own is None or own.region == NO_REGION else own.region
         region = self._region(identity.tenant, region_asked, own_region)
-        slot = await self._slot(identity.tenant, region)
         return _Pending(
             identity=identity, reply_topic=reply_topic, topic=topic, request_id=message.request_id,
-            job=self._job(identity.tenant, identity.name, message.profile, region, slot, now, csr=message.csr),
+            job=self._job(identity.tenant, identity.name, message.profile, region, None, now, csr=message.csr),
             kind=CertificateKind.OPERATIONAL, region=region,
             request=RequestKey(identity=identity.key, request_id=message.request_id, fingerprint=fingerprint),
             actor=identity.key,
@@ -559,12 +657,10 @@ class CAService:
             public_key_der = x509.load_der_x509_certificate(record.der).public_key().public_bytes(
                 serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
             )
-            slot = await self._slot(tenant, slot_region)
-            job = self._job(tenant, identity.name, message.profile, slot_region, slot, now,
+            job = self._job(tenant, identity.name, message.profile, slot_region, None, now,
                             public_key_der=public_key_der)
         else:
-            slot = await self._slot(tenant, slot_region)
-            job = self._job(tenant, identity.name, message.profile, slot_region, slot, now, csr=message.csr)
+            job = self._job(tenant, identity.name, message.profile, slot_region, None, now, csr=message.csr)
         return _Pending(
             identity=identity, reply_topic=reply_topic, topic=topic, request_id=message.request_id, job=job,
             kind=CertificateKind.OPERATIONAL, region=slot_region,
@@ -573,38 +669,55 @@ class CAService:
             same_key_refusal=(record.spki_sha256, f"the CSR carries the current key; {why}") if rotate else None,
         )
 
-    async def _finish(self, pending: _Pending, result: SignResult, now: dt.datetime) -> Outcome:
-        identity = pending.identity
-        try:
-            if not result.ok:
-                raise PolicyRefusal(ErrorCode(result.refusal_code or ErrorCode.INTERNAL), result.refusal_text)
-            assert result.der is not None and result.spki_sha256 is not None
-            if pending.same_key_refusal is not None and result.spki_sha256 == pending.same_key_refusal[0]:
-                raise PolicyRefusal(ErrorCode.KEY_REJECTED, pending.same_key_refusal[1])
-            record = _record(pending, result)
-            audit = AuditEvent(
-                kind=pending.audit_kind, actor=pending.actor, subject=record.device_id, time=now,
-                tenant=record.tenant, details=_issue_details(record, pending),
-            )
+    async def _finish(self, pending: list[_Pending], results: list[SignResult], now: dt.datetime) -> list[Outcome]:
+        """Commit the batch's certificates in one registry call; outcomes in ``pending`` order."""
+        refusals: dict[int, tuple[ErrorCode | int, str]] = {}
+        items: list[IssuanceItem] = []
+        owners: list[_Pending] = []
+        for p, result in zip(pending, results):
             try:
-                stored = await self._registry.commit_issuance(
-                    record, request=pending.request, audit=audit, claim=pending.claim
-                )
-            except RequestIdReused as exc:
-                raise PolicyRefusal(ErrorCode.REQUEST_ID_REUSED, str(exc)) from None
-            except (ClaimRefused, UnknownClaim) as exc:
-                raise PolicyRefusal(ErrorCode.CLAIM_REFUSED, str(exc)) from None
-            except DuplicateSerial as exc:
-                raise PolicyRefusal(ErrorCode.INTERNAL, f"retry: {exc}") from None
-        except PolicyRefusal as refusal:
-            return await self._refuse(identity, pending.reply_topic, pending.request_id, refusal.code,
-                                      refusal.text, pending.topic, now)
-        except Exception:
-            log.exception("committing a certificate for %s failed", identity.key)
-            return await self._refuse(identity, pending.reply_topic, pending.request_id, ErrorCode.INTERNAL,
-                                      "internal error; retry later", pending.topic, now)
-        assert pending.request_id is not None
-        return self._issued(stored, pending.request_id, pending.reply_topic)
+                if not result.ok:
+                    raise PolicyRefusal(ErrorCode(result.refusal_code or ErrorCode.INTERNAL), result.refusal_text)
+                assert result.der is not None and result.spki_sha256 is not None
+                if p.same_key_refusal is not None and result.spki_sha256 == p.same_key_refusal[0]:
+                    raise PolicyRefusal(ErrorCode.KEY_REJECTED, p.same_key_refusal[1])
+                record = _record(p, result)
+                audit = AuditEvent(kind=p.audit_kind, actor=p.actor, subject=record.device_id, time=now,
+                                   tenant=record.tenant, details=_issue_details(record, p))
+                items.append(IssuanceItem(record=record, request=p.request, audit=audit, claim=p.claim))
+                owners.append(p)
+            except PolicyRefusal as refusal:
+                refusals[id(p)] = refusal.code, refusal.text
+            except Exception:
+                log.exception("preparing the commit of a certificate for %s failed", p.identity.key)
+                refusals[id(p)] = ErrorCode.INTERNAL, "internal error; retry later"
+        stored_all: list[CertificateRecord | RegistryError | None] = [None] * len(items)
+        if items:
+            try:
+                stored_all = list(await self._registry.commit_issuances(items))
+            except Exception:
+                log.exception("committing a batch of %d certificates failed", len(items))
+        issued: dict[int, Outcome] = {}
+        for p, stored in zip(owners, stored_all):
+            if isinstance(stored, CertificateRecord):
+                assert p.request_id is not None
+                issued[id(p)] = self._issued(stored, p.request_id, p.reply_topic)
+            elif isinstance(stored, RequestIdReused):
+                refusals[id(p)] = ErrorCode.REQUEST_ID_REUSED, str(stored)
+            elif isinstance(stored, (ClaimRefused, UnknownClaim)):
+                refusals[id(p)] = ErrorCode.CLAIM_REFUSED, str(stored)
+            elif isinstance(stored, DuplicateSerial):
+                refusals[id(p)] = ErrorCode.INTERNAL, f"retry: {stored}"
+            else:
+                if stored is not None:
+                    log.error("committing a certificate for %s failed: %s", p.identity.key, stored)
+                refusals[id(p)] = ErrorCode.INTERNAL, "internal error; retry later"
+        refused = [p for p in pending if id(p) in refusals]
+        outs = await asyncio.gather(*(
+            self._refuse(p.identity, p.reply_topic, p.request_id, *refusals[id(p)], p.topic, now) for p in refused
+        ))
+        issued.update({id(p): o for p, o in zip(refused, outs)})
+        return [issued[id(p)] for p in pending]
 
     # -- operators and feeds
 
@@ -655,14 +768,20 @@ class CAService:
         validate_identifier(device_id, what=what, reserved=reserved)
         if not isinstance(actor, str) or not actor:
             raise ValueError("actor must name who issues the certificate")
-        authority.policy.profile(Profile(profile))
         now = self._now()
-        chosen = self._region(tenant, region)
-        slot = await self._slot(tenant, chosen)
-        job = self._job(tenant, device_id, Profile(profile), chosen, slot, now, csr=csr_der)
-        [result] = await self._signer.sign([job])
-        if not result.ok:
-            raise PolicyRefusal(ErrorCode(result.refusal_code or ErrorCode.INTERNAL), result.refusal_text)
+        try:
+            authority.policy.profile(Profile(profile))
+            chosen = self._region(tenant, region)
+            slot = await self._slot(tenant, chosen)
+            job = self._job(tenant, device_id, Profile(profile), chosen, slot, now, csr=csr_der)
+            [result] = await self._signer.sign([job])
+            if not result.ok:
+                raise PolicyRefusal(ErrorCode(result.refusal_code or ErrorCode.INTERNAL), result.refusal_text)
+        except PolicyRefusal as refusal:
+            # Refused like a device request: the audit trail records who asked for what, and why.
+            await self._audit_refusal(tenant, actor, device_id, refusal.code, refusal.text, now,
+                                      {"stage": "issue_direct", "kind": str(kind), "profile": int(profile)})
+            raise
         pending = _Pending(
             identity=Identity(tenant=tenant, kind=IdentityKind.OPERATOR, name=actor, serial=1,
                               spki_sha256=bytes(32), not_before=now, not_after=now),

@@ -142,6 +142,8 @@ class SqliteRegistry(Registry):
         self._executor: ThreadPoolExecutor | None = executor
         self._conn = conn
         self._lock = asyncio.Lock()
+        self._reads: list[tuple[Callable[[Any], Awaitable[Any]], asyncio.Future[Any]]] = []
+        self._reader: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, url: str, *, migrate_to: int | None = None) -> SqliteRegistry:
@@ -195,10 +197,12 @@ class SqliteRegistry(Registry):
         # The whole transaction -- BEGIN, every statement, COMMIT (or ROLLBACK) -- in ONE hop to
         # the database thread: a hop costs far more than a statement, and the fsync of the
         # COMMIT is paid once for everything the body wrote.
+        if not write:
+            return await self._read(body)
         conn = self._conn
 
         def transaction() -> T:
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            conn.execute("BEGIN IMMEDIATE")
             try:
                 result = _drive(body(_ThreadTx(conn)))  # type: ignore[arg-type]
             except BaseException:
@@ -212,6 +216,57 @@ class SqliteRegistry(Registry):
                 return await self._call(transaction)
         except sqlite3.Error as exc:
             raise RegistryError(f"SQLite ({self.path}): {exc}") from exc
+
+    async def _read(self, body: Callable[[Any], Awaitable[T]]) -> T:
+        # Reads issued while the connection is busy (or in the same turn of the loop: a batch's
+        # requests look things up side by side) share one hop and one read snapshot. They are
+        # concurrent, so any order among them -- and one snapshot for all -- is a valid one.
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._reads.append((body, future))
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._flush_reads(), name="certmq-sqlite-reads")
+        return await future  # type: ignore[no-any-return]
+
+    async def _flush_reads(self) -> None:
+        conn = self._conn
+
+        def run_all(bodies: list[Callable[[Any], Awaitable[Any]]]) -> list[tuple[bool, Any]]:
+            out: list[tuple[bool, Any]] = []
+            conn.execute("BEGIN")
+            try:
+                for body in bodies:
+                    try:
+                        out.append((True, _drive(body(_ThreadTx(conn)))))
+                    except sqlite3.Error as exc:
+                        out.append((False, RegistryError(f"SQLite ({self.path}): {exc}")))
+                    except Exception as exc:
+                        out.append((False, exc))
+            finally:
+                conn.execute("COMMIT")  # ends the read snapshot; nothing was written
+            return out
+
+        while self._reads:
+            async with self._lock:
+                batch, self._reads = self._reads, []
+                try:
+                    results = await self._call(run_all, [body for body, _ in batch])
+                except BaseException as exc:
+                    failure = exc if isinstance(exc, Exception) else RegistryError("registry read cancelled")
+                    if isinstance(failure, sqlite3.Error):
+                        failure = RegistryError(f"SQLite ({self.path}): {failure}")
+                    results = [(False, failure)] * len(batch)
+                    if not isinstance(exc, Exception):
+                        for (_, future), (_, error) in zip(batch, results):
+                            if not future.done():
+                                future.set_exception(error)
+                        raise
+            for (_, future), (ok, value) in zip(batch, results):
+                if future.done():
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
 
     async def close(self) -> None:
         executor, self._executor = self._executor, None
