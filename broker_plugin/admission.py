@@ -1,0 +1,148 @@
+"""Admission control in front of the CA: a bounded request queue and a per-device rate limit.
+
+A storm must degrade to "later", never to timeouts: a request that does not fit gets an immediate
+refusal with a retry-after instead of waiting. :meth:`AdmissionQueue.offer` decides at once
+(``None`` = queued, else a :class:`Refusal` with ``BUSY`` or ``RATE_LIMITED`` and a retry-after in
+whole seconds); worker tasks take batches with :meth:`AdmissionQueue.take`. The clock and the
+random source are parameters, so the decisions are testable with a fake clock.
+
+This module knows nothing of MQTT, certificates or the CA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+from protocol.codes import ErrorCode
+
+__all__ = ["AdmissionQueue", "RateLimiter", "Refusal"]
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a request was not queued, and after how many whole seconds to retry (>= 1)."""
+
+    code: ErrorCode
+    retry_after: int
+    text: str
+
+
+class RateLimiter:
+    """Token buckets per key: ``rate`` requests per second on average, bursts of ``burst``.
+
+    ``rate == 0`` disables the limit. At most ``max_keys`` buckets are kept: past that, full
+    buckets (keys idle long enough to have refilled) are forgotten, which changes no decision.
+    """
+
+    def __init__(self, *, rate: float, burst: int, clock: Callable[[], float] = time.monotonic,
+                 max_keys: int = 100_000) -> None:
+        if rate < 0 or not math.isfinite(rate):
+            raise ValueError("rate must be a finite number >= 0")
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+            raise ValueError("burst must be an int >= 1")
+        if max_keys < 1:
+            raise ValueError("max_keys must be >= 1")
+        self._rate = float(rate)
+        self._burst = burst
+        self._clock = clock
+        self._max_keys = max_keys
+        self._buckets: dict[Hashable, tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _tokens(self, key: Hashable, now: float) -> float:
+        tokens, at = self._buckets.get(key, (float(self._burst), now))
+        return min(float(self._burst), tokens + max(0.0, now - at) * self._rate)
+
+    def take(self, key: Hashable) -> float:
+        """Spend one token of ``key``: 0.0 if there was one, else the seconds until there is."""
+        if self._rate == 0:
+            return 0.0
+        now = self._clock()
+        tokens = self._tokens(key, now)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / self._rate
+        if key not in self._buckets and len(self._buckets) >= self._max_keys:
+            self._prune(now)
+        self._buckets[key] = (tokens - 1.0, now)
+        return 0.0
+
+    def _prune(self, now: float) -> None:
+        full = [k for k in self._buckets if self._tokens(k, now) >= self._burst]
+        for k in full:
+            del self._buckets[k]
+
+
+class AdmissionQueue(Generic[T]):
+    """A bounded FIFO of requests with immediate refusals.
+
+    ``capacity``: queued requests at most; past it :meth:`offer` answers ``BUSY`` with
+    ``retry_after = ceil(busy_retry * (1 + rng()))`` (jitter in ``[busy_retry, 2 busy_retry)``,
+    so refused devices do not come back together). ``rate``/``burst``: the per-key
+    :class:`RateLimiter` (``RATE_LIMITED``, retry-after = time until the next token). A ``BUSY``
+    refusal spends no token.
+    """
+
+    def __init__(self, *, capacity: int = 2000, busy_retry: float = 5.0, rate: float = 0.2, burst: int = 3,
+                 clock: Callable[[], float] = time.monotonic, rng: Callable[[], float] = random.random) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError("capacity must be an int >= 1")
+        if not busy_retry > 0:
+            raise ValueError("busy_retry must be > 0 seconds")
+        self._capacity = capacity
+        self._busy_retry = float(busy_retry)
+        self._rng = rng
+        self.limiter = RateLimiter(rate=rate, burst=burst, clock=clock)
+        self._items: collections.deque[T] = collections.deque()
+        self._ready: asyncio.Event | None = None
+        self.refused_busy = 0
+        self.refused_rate = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def capacity(self) -> int:
+        """Most requests queued at once."""
+        return self._capacity
+
+    def offer(self, key: Hashable, item: T) -> Refusal | None:
+        """Queue ``item`` for ``key`` (the requester): ``None``, or why not (nothing queued then)."""
+        if len(self._items) >= self._capacity:
+            self.refused_busy += 1
+            wait = self._busy_retry * (1.0 + self._rng())
+            return Refusal(ErrorCode.BUSY, max(1, math.ceil(wait)),
+                           f"server busy ({self._capacity} requests queued); retry later")
+        wait = self.limiter.take(key)
+        if wait > 0:
+            self.refused_rate += 1
+            return Refusal(ErrorCode.RATE_LIMITED, max(1, math.ceil(wait)), "too many requests from this client")
+        self._items.append(item)
+        if self._ready is not None:
+            self._ready.set()
+        return None
+
+    async def take(self, most: int) -> list[T]:
+        """Wait until something is queued, then remove and return up to ``most`` items, oldest first."""
+        if most < 1:
+            raise ValueError("most must be >= 1")
+        if self._ready is None:
+            self._ready = asyncio.Event()
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        batch = [self._items.popleft() for _ in range(min(most, len(self._items)))]
+        if not self._items:
+            self._ready.clear()
+        return batch

@@ -1,0 +1,522 @@
+"""The certmq amqtt plugin: the CA service behind a :class:`~broker_plugin.broker.HardenedBroker`.
+
+Load it from an amqtt config (``plugins: {broker_plugin.plugin.CertmqPlugin: {...}}``, fields of
+:class:`CertmqPlugin.Config`) on a ``HardenedBroker``, or let ``certmq broker``
+(:mod:`broker_plugin.server`) do it. It
+
+* installs the broker hooks: identity = :meth:`CAService.identify` of the connection's certificate
+  (expired ones only inside their profile's ``expired_recovery`` window, and then renewal only),
+  client id = the identity's name, ACL = :func:`broker_plugin.acl.allowed`;
+* takes every permitted publish on a request topic into the bounded :class:`AdmissionQueue`
+  (``BUSY`` / ``RATE_LIMITED`` answered at once, with a retry-after), drains it in batches of up
+  to ``batch_size`` into one ``CAService.handle_many`` call each (signing in worker processes:
+  :class:`~broker_plugin.ca.pool.ProcessPoolSigner`), and sends each reply with
+  ``broker.deliver_to`` to the requesting session only — never through the topic tree;
+* kicks every live session of a revoked certificate: revoked by a message through this broker,
+  by :meth:`CertmqPlugin.revoke`, or by another process on the same registry (polled every
+  ``revocation_poll`` seconds);
+* hands revocation deltas to :meth:`CertmqPlugin.on_deltas` callbacks and (``publish_feeds``)
+  publishes them, unsigned for now, on ``rev/{region}/delta``, with retained snapshots on
+  ``rev/{region}/snapshot``.
+
+``echo: true`` replaces the CA by a fixed reply of ``echo_reply_bytes`` bytes per request, sent
+through the same queue, batches and ``deliver_to``: the bare request/response baseline for the
+benchmarks. This module knows amqtt's plugin interface and the service's public API; decisions
+about certificates stay in the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import inspect
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from amqtt.broker import BrokerContext
+from amqtt.plugins.base import BasePlugin
+from cryptography import x509
+
+from protocol.codec import decode, encode
+from protocol.codes import ErrorCode, Profile, RevocationReason
+from protocol.errors import CertmqError, DecodeError, TopicError
+from protocol.extensions import CAPABILITIES_OID, REGION_OID, decode_capabilities, decode_region
+from protocol.messages import Error, RevocationDelta
+from protocol.topics import PREFIX, ParsedTopic, delta_topic, parse_topic, response_topic_for, snapshot_topic
+
+from . import acl
+from .admission import AdmissionQueue
+from .broker import ConnectionInfo, HardenedBroker
+from .ca import datadir as dd
+from .ca.claims import load_claim_policy
+from .ca.identity import NO_REGION, IdentityKind, NotAuthorized, Outcome, Outgoing, UnknownStatusList
+from .ca.signers import resolve_passphrase
+from .store.base import CertificateRecord, StatusDelta
+
+__all__ = ["CertmqPlugin", "DeltaCallback"]
+
+log = logging.getLogger(__name__)
+
+DeltaCallback = Callable[[Sequence[StatusDelta]], "Awaitable[None] | None"]
+"""Receives every batch of revocation deltas (local and polled), in feed order per region."""
+
+_SEEN_MARGIN = dt.timedelta(seconds=2)  # re-read this far back: another process's commit may lag its stamp
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Request:
+    client_id: str
+    identity: acl.SessionIdentity
+    parsed: ParsedTopic
+    topic: str
+    payload: bytes
+
+
+def _request_id(payload: bytes) -> bytes | None:
+    try:
+        return getattr(decode(payload), "request_id", None)
+    except (DecodeError, CertmqError, ValueError):
+        return None
+
+
+def _extensions(certificate: x509.Certificate) -> tuple[tuple[str, ...], str | None]:
+    caps: tuple[str, ...] = ()
+    region = None
+    for ext in certificate.extensions:
+        value = ext.value
+        if not isinstance(value, x509.UnrecognizedExtension):
+            continue
+        try:
+            if ext.oid.dotted_string == CAPABILITIES_OID:
+                caps = decode_capabilities(value.value)
+            elif ext.oid.dotted_string == REGION_OID:
+                region = decode_region(value.value)
+        except (DecodeError, CertmqError, ValueError):
+            log.warning("certificate %x: unreadable certmq extension %s ignored", certificate.serial_number,
+                        ext.oid.dotted_string)
+    return caps, region
+
+
+class CertmqPlugin(BasePlugin[BrokerContext]):
+    """The certmq CA as an amqtt broker plugin (needs :class:`~broker_plugin.broker.HardenedBroker`).
+
+    Construction (inside amqtt's ``Broker.__init__``) checks the config and opens the tenants' CA
+    keys, so a wrong passphrase or data dir fails there; the registry and the signing workers
+    start with the broker (``broker_pre_start``) and stop with it.
+    """
+
+    @dataclasses.dataclass
+    class Config:
+        """Plugin settings (amqtt ``plugins:`` section). Empty strings mean "not set"."""
+
+        data_dir: str = ""  #: the CA data directory (default: $CERTMQ_DATA, else ./certmq-data)
+        passphrase_env: str = ""  #: environment variable holding the CA key passphrase
+        passphrase_file: str = ""  #: or a file (mode 0600) holding it
+        workers: int = 1  #: signing worker processes
+        queue_capacity: int = 2000  #: requests queued at most; beyond: BUSY
+        batch_size: int = 64  #: requests per handle_many call
+        batch_tasks: int = 0  #: concurrent batches (0: workers + 1)
+        busy_retry: float = 5.0  #: BUSY retry_after is ceil(busy_retry * (1 + random)) seconds
+        rate: float = 0.2  #: per-client requests per second (0: no limit)
+        burst: int = 3  #: per-client burst
+        revocation_poll: float = 0.25  #: seconds between registry checks for other processes' revocations
+        publish_feeds: bool = True  #: publish (unsigned) revocation deltas and retained snapshots
+        echo: bool = False  #: benchmark baseline: fixed reply, no CA work
+        echo_reply_bytes: int = 1024
+
+    def __init__(self, context: BrokerContext) -> None:
+        super().__init__(context)
+        cfg: CertmqPlugin.Config = self.config
+        problems = [
+            text for bad, text in (
+                (cfg.workers < 1, "workers must be >= 1"),
+                (cfg.batch_size < 1, "batch_size must be >= 1"),
+                (cfg.batch_tasks < 0, "batch_tasks must be >= 0"),
+                (cfg.revocation_poll <= 0, "revocation_poll must be > 0"),
+                (cfg.echo_reply_bytes < 0, "echo_reply_bytes must be >= 0"),
+                (bool(cfg.passphrase_env) and bool(cfg.passphrase_file), "give passphrase_env or passphrase_file, not both"),
+            ) if bad
+        ]
+        if problems:
+            raise ValueError("certmq plugin config: " + "; ".join(problems))
+        self.broker = HardenedBroker.of(context)
+        self.admission: AdmissionQueue[_Request] = AdmissionQueue(
+            capacity=cfg.queue_capacity, busy_retry=cfg.busy_retry, rate=cfg.rate, burst=cfg.burst,
+        )
+        self.datadir = dd.resolve_datadir(cfg.data_dir or None)
+        passphrase = self._passphrase(cfg)
+        self._materials = dd.authority_material(self.datadir, passphrase=passphrase)
+        if not self._materials:
+            raise dd.DataDirError(f"no tenant in {self.datadir}: run `certmq ca init` (or `certmq broker`) first")
+        self.authorities = {m.name: dd.authority_from_material(m) for m in self._materials}
+        self.clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+        self.service: Any = None
+        self.registry: Any = None
+        self.signer: Any = None
+        self.startup_error: BaseException | None = None
+        self.stats = {"requests": 0, "batches": 0, "replies": 0, "kicked": 0, "deltas": 0}
+        self._echo = bytes(cfg.echo_reply_bytes)
+        self._callbacks: list[DeltaCallback] = [self._publish_deltas] if cfg.publish_feeds else []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sends: set[asyncio.Task[None]] = set()
+        self._feed_lock = asyncio.Lock()
+        self._feed_seq: dict[tuple[str, str], int] = {}
+        self._watermark: dict[str, dt.datetime] = {}
+        self._seen: dict[str, dict[int, dt.datetime]] = {t: {} for t in self.authorities}
+        self.broker.identity_hook = self.identify
+        self.broker.client_id_hook = self.client_id_matches
+        self.broker.acl_hook = acl.allowed
+
+    @staticmethod
+    def _passphrase(cfg: CertmqPlugin.Config) -> bytes | None:
+        if cfg.passphrase_env:
+            return resolve_passphrase(env=cfg.passphrase_env)
+        if cfg.passphrase_file:
+            return resolve_passphrase(file=Path(cfg.passphrase_file))
+        return None
+
+    @classmethod
+    def of(cls, broker: HardenedBroker) -> CertmqPlugin:
+        """The certmq plugin loaded into ``broker`` (``LookupError`` if none)."""
+        for plugin in broker.plugins_manager.plugins:
+            if isinstance(plugin, cls):
+                return plugin
+        raise LookupError("no CertmqPlugin is loaded in this broker")
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def on_broker_pre_start(self) -> None:
+        """Open the registry and start the signing workers (errors: :attr:`startup_error`)."""
+        try:
+            from .ca.service import CAService
+
+            self.registry = await dd.open_datadir_registry(self.datadir)
+            if not self.config.echo:
+                from .ca.pool import ProcessPoolSigner
+
+                self.signer = await asyncio.to_thread(ProcessPoolSigner, self._materials, workers=self.config.workers)
+            self.service = CAService(registry=self.registry, authorities=self.authorities,
+                                     signer=self.signer or _NoSigner(), clock=self.clock, rng_bytes=os.urandom)
+            start = self.clock().replace(microsecond=0)
+            self._watermark = {t: start for t in self.authorities}
+        except BaseException as exc:  # amqtt does not propagate plugin errors: keep it for the caller
+            log.exception("certmq plugin could not start")
+            self.startup_error = exc
+            await self._close_backends()
+
+    async def on_broker_post_start(self) -> None:
+        """Publish the retained snapshots, start the batch workers and the revocation poller."""
+        if self.service is None:
+            return
+        if self.config.publish_feeds:
+            for tenant, authority in self.authorities.items():
+                await self._ensure_feed(tenant, authority.policy.default_region or NO_REGION)
+        drains = self.config.batch_tasks or self.config.workers + 1
+        self._tasks = [asyncio.create_task(self._drain(), name=f"certmq-batch-{i}") for i in range(drains)]
+        self._tasks.append(asyncio.create_task(self._poll(), name="certmq-revocation-poll"))
+
+    async def on_broker_pre_shutdown(self) -> None:
+        """Stop taking batches and polling."""
+        await self._stop_tasks()
+
+    async def _stop_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _close_backends(self) -> None:
+        signer, registry = self.signer, self.registry
+        self.signer = self.registry = None
+        try:
+            if signer is not None:
+                await signer.close()
+        finally:
+            if registry is not None:
+                await registry.close()
+
+    async def close(self) -> None:
+        """Stop the workers, wait briefly for replies in flight, close the pool and the registry."""
+        await self._stop_tasks()
+        if self._sends:
+            await asyncio.wait(list(self._sends), timeout=2)
+        self.service = None
+        await self._close_backends()
+
+    # -- hooks --------------------------------------------------------------------------------
+
+    async def identify(self, certificate: x509.Certificate) -> acl.SessionIdentity | None:
+        """The broker's identity hook: a :class:`~broker_plugin.acl.SessionIdentity`, or ``None`` (refused)."""
+        service = self.service
+        if service is None:
+            return None
+        try:
+            ident = await service.identify(certificate, allow_expired=True)
+        except NotAuthorized as exc:
+            log.info("connection refused: %s", exc)
+            return None
+        recovery = False
+        if self.clock() > ident.not_after:
+            if not await self._may_recover(ident):
+                with contextlib.suppress(NotAuthorized):
+                    await service.identify(certificate)  # raises, and audits the refusal
+                return None
+            recovery = True
+        caps, region = _extensions(certificate)
+        claim = await self._claim_scope(ident.tenant, ident.name) if ident.kind is IdentityKind.BOOTSTRAP else None
+        if self.config.publish_feeds and ident.kind is not IdentityKind.BOOTSTRAP:
+            key = (ident.tenant, region or NO_REGION)
+            if key not in self._feed_seq:
+                self._spawn(self._ensure_feed(*key))
+        return acl.SessionIdentity(
+            tenant=ident.tenant, kind=ident.kind, name=ident.name, serial=ident.serial, capabilities=caps,
+            region=region, recovery_only=recovery, claim=claim, ca_identity=ident,
+        )
+
+    async def _may_recover(self, ident: Any) -> bool:
+        if ident.kind is not IdentityKind.DEVICE:
+            return False
+        record = await self.registry.get_certificate(ident.tenant, ident.serial)
+        try:
+            window = self.authorities[ident.tenant].policy.profile(Profile.from_label(record.profile)).expired_recovery
+        except (CertmqError, ValueError, KeyError, AttributeError):
+            return False
+        return bool(window) and self.clock() <= ident.not_after + window
+
+    async def _claim_scope(self, tenant: str, claim_id: str) -> acl.ClaimScope | None:
+        stored = await self.registry.get_claim(tenant, claim_id)
+        if stored is None:
+            return None
+        try:
+            policy = load_claim_policy(stored.policy)
+        except CertmqError:
+            return None
+        ids = frozenset(policy.device_ids) if policy.device_ids is not None else None
+        return acl.ClaimScope(device_ids=ids, pattern=policy.pattern)
+
+    @staticmethod
+    def client_id_matches(identity: Any, client_id: str) -> bool:
+        """The client-id hook: the client id must be the identity's name (device, claim or operator id)."""
+        return isinstance(identity, acl.SessionIdentity) and client_id == identity.name
+
+    # -- requests -----------------------------------------------------------------------------
+
+    async def on_broker_message_broadcast(self, *, client_id: str, message: Any) -> None:
+        """amqtt event for a publish the ACL let through: request topics go to the admission queue."""
+        topic = getattr(message, "topic", None)
+        if not topic or not topic.startswith(PREFIX + "/") or self.service is None:
+            return
+        try:
+            parsed = parse_topic(topic)
+        except TopicError:
+            return
+        if not parsed.kind.is_request:
+            return
+        identity = self.broker.identity_of(client_id)
+        if not isinstance(identity, acl.SessionIdentity):
+            return
+        self.submit(client_id, identity, parsed, bytes(message.data or b""))
+
+    def submit(self, client_id: str, identity: acl.SessionIdentity, parsed: ParsedTopic, payload: bytes) -> None:
+        """Queue one request (or answer BUSY / RATE_LIMITED at once)."""
+        self.stats["requests"] += 1
+        # A claim credential serves a whole production line: limit it per claimed device id.
+        key = (identity.principal, parsed.device_id) if identity.kind is IdentityKind.BOOTSTRAP else identity.principal
+        request = _Request(client_id, identity, parsed, parsed.topic, payload)
+        refusal = self.admission.offer(key, request)
+        if refusal is not None:
+            error = Error(code=refusal.code, text=refusal.text, request_id=_request_id(payload),
+                          retry_after=refusal.retry_after)
+            self._send(client_id, response_topic_for(parsed), encode(error))
+
+    async def _drain(self) -> None:
+        while True:
+            batch = await self.admission.take(self.config.batch_size)
+            self.stats["batches"] += 1
+            try:
+                outcomes = await self._handle(batch)
+            except Exception:  # never lose a request silently: each gets a transient error
+                log.exception("a batch of %d requests failed", len(batch))
+                outcomes = [self._internal_error(r) for r in batch]
+            for request, outcome in zip(batch, outcomes):
+                for out in outcome.replies:
+                    self._send(request.client_id, out.topic, out.payload)
+                if outcome.revoked or outcome.deltas:
+                    await self._revoked(outcome.revoked, outcome.deltas,
+                                        f"certificate revoked by {request.identity.principal}")
+
+    async def _handle(self, batch: list[_Request]) -> list[Outcome]:
+        if self.config.echo:
+            return [Outcome(replies=(Outgoing(response_topic_for(r.parsed), self._echo),)) for r in batch]
+        return list(await self.service.handle_many([(r.identity.ca_identity, r.topic, r.payload) for r in batch]))
+
+    @staticmethod
+    def _internal_error(request: _Request) -> Outcome:
+        error = Error(code=ErrorCode.INTERNAL, text="internal error; retry later",
+                      request_id=_request_id(request.payload), retry_after=1)
+        return Outcome(replies=(Outgoing(response_topic_for(request.parsed), encode(error)),))
+
+    def _send(self, client_id: str, topic: str, payload: bytes) -> None:
+        self._spawn(self._deliver(client_id, topic, payload), track=self._sends)
+
+    async def _deliver(self, client_id: str, topic: str, payload: bytes) -> None:
+        try:
+            if await self.broker.deliver_to(client_id, topic, payload, qos=1):
+                self.stats["replies"] += 1
+            else:
+                log.info("reply for %s dropped: not connected", client_id)
+        except Exception as exc:  # a client that does not acknowledge must not hurt anyone else
+            log.info("reply to %s on %s failed: %r", client_id, topic, exc)
+
+    def _spawn(self, coro: Awaitable[None], *, track: set[asyncio.Task[None]] | None = None) -> None:
+        tasks = self._sends if track is None else track
+        task = asyncio.ensure_future(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    # -- revocation: kicks and feeds -------------------------------------------------------
+
+    async def revoke(self, *, tenant: str, reason: RevocationReason, actor: str, serial: int | None = None,
+                     device_id: str | None = None, profile: Profile | None = None) -> Outcome:
+        """Revoke through the service (:meth:`CAService.revoke`) and kick the revoked sessions at once."""
+        if self.service is None:
+            raise RuntimeError("the certmq plugin is not running")
+        outcome = await self.service.revoke(tenant=tenant, reason=reason, actor=actor, serial=serial,
+                                            device_id=device_id, profile=profile)
+        await self._revoked(outcome.revoked, outcome.deltas, f"certificate revoked by {actor}")
+        return outcome
+
+    def on_deltas(self, callback: DeltaCallback) -> None:
+        """Add ``callback``: it gets every batch of revocation deltas, from this process or polled."""
+        self._callbacks.append(callback)
+
+    async def _revoked(self, records: Iterable[CertificateRecord], deltas: Sequence[StatusDelta], why: str) -> None:
+        records = list(records)
+        for record in records:
+            self._seen.setdefault(record.tenant, {})[record.serial] = record.revoked_at or self.clock()
+        await self._kick({(r.tenant, r.serial) for r in records}, why)
+        if deltas:
+            async with self._feed_lock:
+                fresh = []
+                for delta in deltas:
+                    key = (delta.tenant, delta.region)
+                    if delta.to_seq > self._feed_seq.get(key, -1):
+                        self._feed_seq[key] = delta.to_seq
+                        fresh.append(delta)
+                await self._emit(fresh)
+
+    async def _kick(self, serials: set[tuple[str, int]], why: str) -> None:
+        if not serials:
+            return
+
+        def revoked(conn: ConnectionInfo) -> bool:
+            ident = conn.identity
+            return isinstance(ident, acl.SessionIdentity) and (ident.tenant, ident.serial) in serials
+
+        kicked = await self.broker.kick(revoked, why)
+        self.stats["kicked"] += len(kicked)
+
+    async def _emit(self, deltas: Sequence[StatusDelta]) -> None:
+        if not deltas:
+            return
+        self.stats["deltas"] += len(deltas)
+        for callback in list(self._callbacks):
+            try:
+                result = callback(deltas)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("revocation delta callback %r failed", callback)
+
+    async def _publish_deltas(self, deltas: Sequence[StatusDelta]) -> None:
+        for d in deltas:
+            message = RevocationDelta(list_id=d.list_id, from_sequence=d.from_seq, to_sequence=d.to_seq,
+                                      indices=tuple(d.indices), reason=RevocationReason(d.reason), time=d.at)
+            await self.context.broadcast_message(delta_topic(d.tenant, d.region), encode(message), qos=1)
+
+    async def _ensure_feed(self, tenant: str, region: str) -> None:
+        """Publish the retained snapshot(s) of a feed the first time it is needed; remember its sequence."""
+        async with self._feed_lock:
+            if (tenant, region) in self._feed_seq or self.service is None:
+                return
+            sequence, list_id = 0, 1
+            while True:
+                try:
+                    snap = await self.service.snapshot(tenant=tenant, region=region, list_id=list_id)
+                except UnknownStatusList:
+                    break
+                sequence = max(sequence, snap.sequence)
+                if self.config.publish_feeds:
+                    # One retained message per topic: with several lists the newest stays retained.
+                    payload = encode(snap)
+                    await self.context.retain_message(snapshot_topic(tenant, region), payload, qos=1)
+                    await self.context.broadcast_message(snapshot_topic(tenant, region), payload, qos=1)
+                list_id += 1
+            self._feed_seq[(tenant, region)] = sequence
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.revocation_poll)
+            try:
+                await self.poll_revocations()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("revocation poll failed")
+
+    async def poll_revocations(self) -> int:
+        """One registry check for revocations made elsewhere: kick, and feed their deltas. New serials found."""
+        found = 0
+        for tenant in self.authorities:
+            seen = self._seen.setdefault(tenant, {})
+            mark = self._watermark.get(tenant) or self.clock().replace(microsecond=0)
+            entries = await self.registry.revoked_for_crl(tenant, since=mark - _SEEN_MARGIN)
+            new = [e for e in entries if e.serial not in seen]
+            for entry in entries:
+                seen[entry.serial] = entry.revoked_at
+                mark = max(mark, entry.revoked_at)
+            self._watermark[tenant] = mark
+            for serial in [s for s, at in seen.items() if at < mark - 2 * _SEEN_MARGIN]:
+                del seen[serial]
+            if not new:
+                continue
+            found += len(new)
+            started = time.monotonic()
+            await self._kick({(tenant, e.serial) for e in new}, "certificate revoked (registry)")
+            regions = set()
+            for entry in new:
+                record = await self.registry.get_certificate(tenant, entry.serial)
+                if record is not None:
+                    regions.add(record.region)
+            for region in sorted(regions):
+                await self._catch_up(tenant, region)
+            log.info("%d revocation(s) of tenant %s picked up from the registry in %.3f s", len(new), tenant,
+                     time.monotonic() - started)
+        return found
+
+    async def _catch_up(self, tenant: str, region: str) -> None:
+        if (tenant, region) not in self._feed_seq:
+            await self._ensure_feed(tenant, region)  # a fresh snapshot already holds these revocations
+            return
+        async with self._feed_lock:
+            since = self._feed_seq[(tenant, region)]
+            deltas = [d for d in await self.registry.deltas_since(tenant, region, since) if d.to_seq > since]
+            if deltas:
+                self._feed_seq[(tenant, region)] = max(d.to_seq for d in deltas)
+                await self._emit(deltas)
+
+
+class _NoSigner:
+    """The echo baseline signs nothing."""
+
+    async def sign(self, jobs: Sequence[Any]) -> list[Any]:
+        raise RuntimeError("echo mode: no signing backend")
+
+    async def close(self) -> None:
+        return None
