@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("broker_plugin.simulate", "renewal load per day for a fleet, with and without staggering (PNG)"),
     "ca": ("broker_plugin.ca.cli", "operate the CA: init tenants, policies, claims, factory signing, revoke, CRLs"),
     "audit": ("broker_plugin.ca.cli", "verify or export the CA's hash-chained audit trail"),
+    "broker": ("broker_plugin.server", "run the MQTT broker with the certmq CA plugin"),
 }
 
 
