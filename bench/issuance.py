@@ -51,8 +51,8 @@ from protocol.topics import provisioning_request_topic  # noqa: E402
 
 PASS = b"bench-passphrase"
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
-BATCH = 64        # requests per handle_many call / the service's coalescing limit
-CONCURRENCY = 2   # handle_many calls in flight
+BATCH = int(os.environ.get("CERTMQ_BENCH_BATCH", "64"))  # requests per handle_many call / the service's coalescing limit
+CONCURRENCY = int(os.environ.get("CERTMQ_BENCH_IN_FLIGHT", "2"))  # handle_many calls in flight
 CALLERS = 512     # concurrent handle() calls (connection handlers with a request outstanding)
 
 
@@ -139,7 +139,8 @@ async def core_rate(workdir: Path, label: str, authorities: dict[str, TenantAuth
     registry = await open_registry(f"sqlite:///{db}")
     timed = TimedSigner(signer)
     service = CAService(registry=registry, authorities=authorities, signer=timed,
-                        clock=lambda: dt.datetime.now(dt.UTC), coalesce=BATCH if mode == "calls" else 0)
+                        clock=lambda: dt.datetime.now(dt.UTC), coalesce=BATCH if mode == "calls" else 0,
+                        coalesce_in_flight=CONCURRENCY)
     try:
         await service.register_claim(tenant=tenant, claim_id="factory-claim", actor="bench",
                                      policy=ClaimPolicy(pattern="sensor-*", max_uses=len(csrs) + 1,
@@ -162,9 +163,14 @@ async def core_rate(workdir: Path, label: str, authorities: dict[str, TenantAuth
         start = time.perf_counter()
         if mode == "batches":
             batches = [items[i:i + BATCH] for i in range(0, len(items), BATCH)]
-            for i in range(0, len(batches), CONCURRENCY):
-                for done in await asyncio.gather(*(service.handle_many(b) for b in batches[i:i + CONCURRENCY])):
-                    outcomes.extend(done)
+            gate = asyncio.Semaphore(CONCURRENCY)
+
+            async def batch(chunk: list[Any]) -> list[Any]:
+                async with gate:  # an adapter handing over the next batch as soon as one is done
+                    return await service.handle_many(chunk)
+
+            for done in await asyncio.gather(*(batch(chunk) for chunk in batches)):
+                outcomes.extend(done)
         else:
             gate = asyncio.Semaphore(CALLERS)
 
