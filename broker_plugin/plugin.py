@@ -167,6 +167,7 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
         self._sends: set[asyncio.Task[None]] = set()
         self._feed_lock = asyncio.Lock()
         self._feed_seq: dict[tuple[str, str], int] = {}
+        self._snapshotted: set[tuple[str, str]] = set()
         self._watermark: dict[str, dt.datetime] = {}
         self._seen: dict[str, dict[int, dt.datetime]] = {t: {} for t in self.authorities}
         self.broker.identity_hook = self.identify
@@ -272,7 +273,7 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
         claim = await self._claim_scope(ident.tenant, ident.name) if ident.kind is IdentityKind.BOOTSTRAP else None
         if self.config.publish_feeds and ident.kind is not IdentityKind.BOOTSTRAP:
             key = (ident.tenant, region or NO_REGION)
-            if key not in self._feed_seq:
+            if key not in self._snapshotted:
                 self._spawn(self._ensure_feed(*key))
         return acl.SessionIdentity(
             tenant=ident.tenant, kind=ident.kind, name=ident.name, serial=ident.serial, capabilities=caps,
@@ -441,11 +442,16 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
             await self.context.broadcast_message(delta_topic(d.tenant, d.region), encode(message), qos=1)
 
     async def _ensure_feed(self, tenant: str, region: str) -> None:
-        """Publish the retained snapshot(s) of a feed the first time it is needed; remember its sequence."""
+        """Publish the retained snapshot(s) of a feed until one exists; remember the feed's sequence.
+
+        Called at start and when a session of a feed without a retained snapshot connects (its
+        status list may have been created since).
+        """
+        key = (tenant, region)
         async with self._feed_lock:
-            if (tenant, region) in self._feed_seq or self.service is None:
+            if key in self._snapshotted or self.service is None:
                 return
-            sequence, list_id = 0, 1
+            sequence, list_id = self._feed_seq.get(key, 0), 1
             while True:
                 try:
                     snap = await self.service.snapshot(tenant=tenant, region=region, list_id=list_id)
@@ -457,8 +463,9 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
                     payload = encode(snap)
                     await self.context.retain_message(snapshot_topic(tenant, region), payload, qos=1)
                     await self.context.broadcast_message(snapshot_topic(tenant, region), payload, qos=1)
+                self._snapshotted.add(key)
                 list_id += 1
-            self._feed_seq[(tenant, region)] = sequence
+            self._feed_seq[key] = sequence
 
     async def _poll(self) -> None:
         while True:

@@ -91,7 +91,7 @@ async def test_forged_reply_on_a_res_topic_is_dropped(make_broker, ca: Ca) -> No
     fake = encode(CertificateIssued(request_id=os.urandom(16), certificate=victim.der))
     async with client(broker, victim) as v, client(broker, evil) as e:
         await v.subscribe("certmq/v1/acme/dev/victim/res", qos=1)
-        await v.subscribe("certmq/v1/acme/rev/#", qos=1)
+        await v.subscribe("certmq/v1/acme/rev/+/delta", qos=1)
         await e.subscribe("certmq/v1/acme/dev/evil/res", qos=1)
         for topic in ("certmq/v1/acme/dev/victim/res", "certmq/v1/acme/dev/evil/res",
                       "certmq/v1/acme/rev/-/delta", "certmq/v1/acme/ops/findings"):

@@ -1,0 +1,73 @@
+"""Admission control through the broker: a full queue answers BUSY at once, the per-device rate
+limit answers RATE_LIMITED, and no request is ever left without a reply."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from broker_plugin.plugin import CertmqPlugin
+from protocol.codec import encode
+from protocol.codes import ErrorCode, Profile
+from protocol.messages import CertificateIssued, Error, RenewalRequest
+
+from .conftest import Ca, client, next_message
+
+
+def _renewal(serial: int) -> tuple[bytes, bytes]:
+    rid = os.urandom(16)
+    return rid, encode(RenewalRequest(request_id=rid, profile=Profile.IDENTITY, current_serial=serial, reuse_key=True))
+
+
+async def test_full_queue_answers_busy_with_jittered_retry_after_and_loses_nothing(make_broker, ca: Ca) -> None:
+    """With the batch workers held, 2 requests fill the queue (capacity 2) beside the batch in hand;
+    every further request gets BUSY at once with retry_after in [busy_retry, 2 busy_retry]. Released,
+    the queued ones are issued: each request id gets exactly one reply."""
+    broker = await make_broker(queue_capacity=2, batch_size=1, batch_tasks=1, rate=0.0, busy_retry=3.0)
+    plugin = CertmqPlugin.of(broker)
+    gate = asyncio.Event()
+    original = plugin._handle  # noqa: SLF001
+
+    async def held(batch):  # type: ignore[no-untyped-def]
+        await gate.wait()
+        return await original(batch)
+
+    plugin._handle = held  # type: ignore[method-assign]  # noqa: SLF001
+    dev = await ca.mint("acme", "stormy")
+    sent: list[bytes] = []
+    async with client(broker, dev) as c:
+        for _ in range(10):
+            rid, payload = _renewal(dev.serial)
+            sent.append(rid)
+            await c.publish("certmq/v1/acme/dev/stormy/req", payload, qos=1)
+        replies: dict[bytes, object] = {}
+        for _ in range(7):  # 1 in hand + 2 queued; the other 7 are refused without waiting
+            _, msg = await next_message(c, 5)
+            replies[msg.request_id] = msg  # type: ignore[union-attr]
+        assert all(isinstance(m, Error) and m.code == ErrorCode.BUSY and 3 <= (m.retry_after or 0) <= 6
+                   for m in replies.values()), replies
+        assert len(plugin.admission) == 2
+        gate.set()
+        for _ in range(3):
+            _, msg = await next_message(c, 10)
+            assert msg.request_id not in replies  # type: ignore[union-attr]
+            replies[msg.request_id] = msg  # type: ignore[union-attr]
+    assert sorted(replies) == sorted(sent)
+    assert sum(isinstance(m, CertificateIssued) for m in replies.values()) == 3
+
+
+async def test_per_device_rate_limit(make_broker, ca: Ca) -> None:
+    """Burst 3 at 1 request per 5 s: the 4th and 5th requests of one device get RATE_LIMITED with a
+    retry_after of a few seconds; another device is not affected."""
+    broker = await make_broker(rate=0.2, burst=3)
+    fast, calm = await ca.mint("acme", "fast"), await ca.mint("acme", "calm")
+    async with client(broker, fast) as f, client(broker, calm) as c:
+        for _ in range(5):
+            await f.publish("certmq/v1/acme/dev/fast/req", _renewal(fast.serial)[1], qos=1)
+        got = [(await next_message(f))[1] for _ in range(5)]
+        await c.publish("certmq/v1/acme/dev/calm/req", _renewal(calm.serial)[1], qos=1)
+        _, other = await next_message(c)
+    limited = [m for m in got if isinstance(m, Error) and m.code == ErrorCode.RATE_LIMITED]
+    assert len(limited) == 2 and all(1 <= (m.retry_after or 0) <= 5 for m in limited)
+    assert sum(isinstance(m, CertificateIssued) for m in got) == 3
+    assert isinstance(other, CertificateIssued)
