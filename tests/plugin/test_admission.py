@@ -1,0 +1,90 @@
+"""Admission queue and rate limiter with a fake clock and a fixed random source."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from broker_plugin.admission import AdmissionQueue, RateLimiter
+from protocol.codes import ErrorCode
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_token_bucket_burst_then_rate() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rate=0.2, burst=3, clock=clock)
+    assert [limiter.take("d") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.take("d") == pytest.approx(5.0)
+    clock.now += 2.5
+    assert limiter.take("d") == pytest.approx(2.5)
+    clock.now += 2.5
+    assert limiter.take("d") == 0.0
+    assert limiter.take("other") == 0.0
+    clock.now += 1000
+    assert [limiter.take("d") for _ in range(4)][-1] > 0  # refills to the burst, not beyond
+
+
+def test_rate_zero_means_no_limit() -> None:
+    limiter = RateLimiter(rate=0, burst=1, clock=FakeClock())
+    assert all(limiter.take("d") == 0.0 for _ in range(100))
+
+
+def test_idle_buckets_are_forgotten_past_max_keys() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rate=1.0, burst=1, clock=clock, max_keys=10)
+    for i in range(10):
+        limiter.take(i)
+    clock.now += 5  # all refilled
+    limiter.take("new")
+    assert len(limiter) == 1
+
+
+def test_full_queue_is_busy_with_jitter_and_spends_no_token() -> None:
+    clock = FakeClock()
+    draws = iter([0.0, 0.5, 0.999])
+    queue: AdmissionQueue[int] = AdmissionQueue(capacity=2, busy_retry=4.0, rate=0.2, burst=3, clock=clock,
+                                                rng=lambda: next(draws))
+    assert queue.offer("a", 1) is None and queue.offer("b", 2) is None
+    refusals = [queue.offer("c", n) for n in range(3)]
+    assert [r.code for r in refusals] == [ErrorCode.BUSY] * 3  # type: ignore[union-attr]
+    assert [r.retry_after for r in refusals] == [4, 6, 8]  # type: ignore[union-attr]
+    assert len(queue) == 2 and queue.refused_busy == 3
+    assert queue.limiter.take("c") == 0.0  # c's burst is intact
+
+
+def test_rate_limited_retry_after_is_time_to_next_token() -> None:
+    clock = FakeClock()
+    queue: AdmissionQueue[int] = AdmissionQueue(capacity=100, rate=0.2, burst=3, clock=clock)
+    assert [queue.offer("d", i) for i in range(3)] == [None, None, None]
+    refusal = queue.offer("d", 3)
+    assert refusal is not None and refusal.code == ErrorCode.RATE_LIMITED and refusal.retry_after == 5
+    clock.now += 4.2
+    refusal = queue.offer("d", 4)
+    assert refusal is not None and refusal.retry_after == 1
+    assert len(queue) == 3
+
+
+async def test_take_waits_and_returns_batches_in_order() -> None:
+    queue: AdmissionQueue[int] = AdmissionQueue(capacity=1000, rate=0)
+    waiter = asyncio.ensure_future(queue.take(64))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    for i in range(100):
+        queue.offer("k", i)
+    assert await waiter == list(range(64))
+    assert await queue.take(64) == list(range(64, 100))
+    assert len(queue) == 0
+
+
+@pytest.mark.parametrize("kwargs", [{"capacity": 0}, {"busy_retry": 0}, {"rate": -1}, {"burst": 0}])
+def test_bad_settings_are_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        AdmissionQueue(**kwargs)  # type: ignore[arg-type]
