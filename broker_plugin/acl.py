@@ -95,8 +95,8 @@ def grants(identity: SessionIdentity) -> tuple[tuple[str, ...], tuple[str, ...]]
         return (f"{own}/req", *apps), (f"{own}/res", f"{base}/rev/#", *apps)
     if identity.kind is IdentityKind.OPERATOR:
         own = f"{base}/ops/{identity.name}"
-        apps = f"{base}/dev/+/app/#"
-        return (f"{own}/req", apps), (f"{own}/res", f"{base}/ops/findings", f"{base}/rev/#", apps)
+        fleet_apps = f"{base}/dev/+/app/#"
+        return (f"{own}/req", fleet_apps), (f"{own}/res", f"{base}/ops/findings", f"{base}/rev/#", fleet_apps)
     return (), ()
 
 

@@ -523,7 +523,8 @@ class _NoSigner:
     """The echo baseline signs nothing."""
 
     async def sign(self, jobs: Sequence[Any]) -> list[Any]:
+        """Never called: echo mode does not reach the service's request handling."""
         raise RuntimeError("echo mode: no signing backend")
 
     async def close(self) -> None:
-        return None
+        """Nothing to release."""
