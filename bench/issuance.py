@@ -8,11 +8,18 @@ All in the same run, on the same pre-generated P-256 CSRs:
     one process, a certificate with the same extensions certmq puts in (no registry);
 (b) **core, one process**: :class:`~broker_plugin.ca.service.CAService` with
     :class:`~broker_plugin.ca.signing.InlineSigner` on a SQLite registry in a temp dir, fed real
-    ``CertificateRequest`` payloads from a bootstrap (claim) credential via ``handle_many`` (decode,
-    authorise, claim policy, status slot, sign, commit + audit per certificate, encode reply);
+    ``CertificateRequest`` payloads from a bootstrap (claim) credential (decode, authorise, claim
+    policy, status slots, sign, commit + audit, encode reply), driven two ways, as the broker may:
+    ``handle_many`` batches of 64 (three in flight, the next handed over as one finishes), and
+    every request its own concurrent ``handle()`` call (512 at once) coalesced by the service's
+    collector (``coalesce=64``);
 (c) **core, worker processes**: the same with :class:`~broker_plugin.ca.pool.ProcessPoolSigner`;
 plus the signer alone (``run_job`` inline: what (b) spends signing), ML-DSA-44 CA issuance and a
 P-256 CA key on a SoftHSM2 token (created here, like the test fixture).
+
+Each P-256 raw and core figure is the best of ``--repeat`` runs (other work on a shared box only
+ever slows a run down). ``CERTMQ_BENCH_BATCH`` / ``CERTMQ_BENCH_IN_FLIGHT`` change the batch size
+and the batches in flight.
 
 Prints absolute rates and the ratio core/raw (goal >= 0.8).
 """
@@ -52,7 +59,7 @@ from protocol.topics import provisioning_request_topic  # noqa: E402
 PASS = b"bench-passphrase"
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 BATCH = int(os.environ.get("CERTMQ_BENCH_BATCH", "64"))  # requests per handle_many call / the service's coalescing limit
-CONCURRENCY = int(os.environ.get("CERTMQ_BENCH_IN_FLIGHT", "2"))  # handle_many calls in flight
+CONCURRENCY = int(os.environ.get("CERTMQ_BENCH_IN_FLIGHT", "3"))  # handle_many calls in flight
 CALLERS = 512     # concurrent handle() calls (connection handlers with a request outstanding)
 
 
@@ -110,18 +117,25 @@ async def signer_rate(authority: TenantAuthority, csrs: list[tuple[str, bytes]])
 
 
 class TimedSigner:
-    """Wraps a backend and adds up the wall time of its sign() calls."""
+    """Wraps a backend and adds up the wall time during which at least one sign() call is running
+    (concurrent batches overlap: their union is what the path spends waiting on signatures)."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.seconds = 0.0
+        self._active = 0
+        self._since = 0.0
 
     async def sign(self, jobs: Any) -> Any:
-        start = time.perf_counter()
+        if self._active == 0:
+            self._since = time.perf_counter()
+        self._active += 1
         try:
             return await self.inner.sign(jobs)
         finally:
-            self.seconds += time.perf_counter() - start
+            self._active -= 1
+            if self._active == 0:
+                self.seconds += time.perf_counter() - self._since
 
     async def close(self) -> None:
         await self.inner.close()
@@ -133,7 +147,8 @@ async def core_rate(workdir: Path, label: str, authorities: dict[str, TenantAuth
 
     ``mode="batches"``: ``handle_many`` batches of BATCH, CONCURRENCY in flight (an adapter that
     batches itself); ``mode="calls"``: every request its own concurrent ``handle()`` call (up to
-    CALLERS at once, like the broker's connection handlers), gathered by the service's collector.
+    CALLERS at once, like the broker's connection handlers), gathered by the service's collector;
+    ``mode="solo"``: the same calls without the collector (each its own batch of one).
     """
     db = workdir / f"{label}-{mode}.db"
     registry = await open_registry(f"sqlite:///{db}")
@@ -178,7 +193,7 @@ async def core_rate(workdir: Path, label: str, authorities: dict[str, TenantAuth
                 async with gate:
                     return await service.handle(*item)
 
-            outcomes = list(await asyncio.gather(*(call(item) for item in items)))
+            outcomes = list(await asyncio.gather(*(call(item) for item in items)))  # calls and solo
         elapsed = time.perf_counter() - start
         issued = sum(isinstance(decode(o.replies[0].payload), CertificateIssued) for o in outcomes)
         if issued != len(items):
@@ -238,11 +253,11 @@ def line(name: str, rate: float, raw: float | None = None, extra: str = "") -> N
 
 
 def report(core: dict[str, float], raw: float, raw_again: float, workers: int) -> int:
-    """Print core/raw per path against the mean of the two raw runs (goal >= 0.8)."""
-    ref = (raw + raw_again) / 2
+    """Print core/raw per path against the better of the two raw figures (goal >= 0.8)."""
+    ref = max(raw, raw_again)
     one = max(core["inline-batches"], core["inline-calls"])
     many = max(core["pool-batches"], core["pool-calls"])
-    print(f"core/raw (raw = mean of both raw runs, {ref:.0f}/s): one process {one / ref:.2f}, "
+    print(f"core/raw (raw = best raw run, {ref:.0f}/s): one process {one / ref:.2f}, "
           f"{workers} workers {many / ref:.2f} (goal >= 0.8: "
           f"one process {'met' if one / ref >= 0.8 else 'MISSED'}, workers {'met' if many / ref >= 0.8 else 'MISSED'})")
     return 0
@@ -253,6 +268,8 @@ async def main() -> int:
     parser.add_argument("--n", type=int, default=2000, help="certificates per P-256 measurement")
     parser.add_argument("--workers", type=int, default=2, help="signing worker processes for (c)")
     parser.add_argument("--n-slow", type=int, default=None, help="certificates for ML-DSA / SoftHSM (default n/4)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each P-256 raw / core measurement; the best counts (other load on the box)")
     parser.add_argument("--p256-only", action="store_true", help="skip the ML-DSA-44 and SoftHSM2 rows")
     args = parser.parse_args()
     n_slow = args.n_slow or max(args.n // 4, 50)
@@ -271,21 +288,36 @@ async def main() -> int:
         print(f"  (generated {args.n} P-256 device keys + CSRs in {time.perf_counter() - t:.1f} s, not counted)")
 
         print("P-256 CA key (file):")
-        raw = raw_rate(authorities["acme"], csrs)
+        raw = max(raw_rate(authorities["acme"], csrs) for _ in range(args.repeat))
         line("(a) raw: load CSR + verify + build + sign", raw, raw)
         line("    signer alone: certmq checks + issuer (run_job)", await signer_rate(authorities["acme"], csrs), raw)
         core: dict[str, float] = {}
-        for mode, how in (("batches", f"handle_many x{BATCH}"), ("calls", f"{CALLERS} concurrent handle()")):
-            rate, share = await core_rate(work, "inline", acme, InlineSigner(acme), csrs, "acme", mode=mode)
-            core[f"inline-{mode}"] = rate
-            line(f"(b) core, one process (InlineSigner), {how}", rate, raw, f"  (signing {share:.0%} of the time)")
-        for mode, how in (("batches", f"handle_many x{BATCH}"), ("calls", f"{CALLERS} concurrent handle()")):
-            pool = ProcessPoolSigner(authority_material(data, passphrase=PASS, only="acme"), workers=args.workers)
-            rate, share = await core_rate(work, "pool", acme, pool, csrs, "acme", mode=mode)
-            core[f"pool-{mode}"] = rate
-            line(f"(c) core, {args.workers} workers (ProcessPoolSigner), {how}", rate, raw,
-                 f"  (waiting on workers {share:.0%}; {pool.round_trips} round trips)")
-        raw_again = raw_rate(authorities["acme"], csrs)
+        for kind in ("inline", "pool"):
+            for mode, how in (("batches", f"handle_many x{BATCH}"), ("calls", f"{CALLERS} concurrent handle()")):
+                best: tuple[float, float, str] = (0.0, 0.0, "")
+                for attempt in range(args.repeat):
+                    if kind == "inline":
+                        signer: Any = InlineSigner(acme)
+                    else:
+                        signer = ProcessPoolSigner(authority_material(data, passphrase=PASS, only="acme"),
+                                                   workers=args.workers)
+                    rate, share = await core_rate(work, f"{kind}-{attempt}", acme, signer, csrs, "acme", mode=mode)
+                    trips = f"; {signer.round_trips} round trips" if kind == "pool" else ""
+                    best = max(best, (rate, share, trips))
+                core[f"{kind}-{mode}"] = best[0]
+                if kind == "inline":
+                    line(f"(b) core, one process (InlineSigner), {how}", best[0], raw,
+                         f"  (signing {best[1]:.0%} of the time)")
+                else:
+                    line(f"(c) core, {args.workers} workers (ProcessPoolSigner), {how}", best[0], raw,
+                         f"  (waiting on workers {best[1]:.0%}{best[2]})")
+        for kind in ("inline", "pool"):  # what the collector buys: the same calls without it (one run)
+            solo = csrs[: max(len(csrs) // 4, 50)]
+            signer = InlineSigner(acme) if kind == "inline" else ProcessPoolSigner(
+                authority_material(data, passphrase=PASS, only="acme"), workers=args.workers)
+            rate, _ = await core_rate(work, f"{kind}-solo", acme, signer, solo, "acme", mode="solo")
+            line(f"    {kind}: {CALLERS} concurrent handle() WITHOUT coalescing ({len(solo)} certs)", rate, raw)
+        raw_again = max(raw_rate(authorities["acme"], csrs) for _ in range(args.repeat))
         line("(a) raw again, after the core runs", raw_again, raw)
         slots, audits = await registry_rates(work, min(args.n, 1000))
         line("    registry alone: status-slot reservation, 1 txn each", slots, extra="  (transactions/s)")

@@ -38,6 +38,7 @@ __all__ = [
     "ClaimUse",
     "CrlBase",
     "DuplicateSerial",
+    "FeedList",
     "IssuanceItem",
     "RegistryError",
     "Registry",
@@ -312,6 +313,16 @@ class StatusDelta:
     indices: tuple[int, ...]
     reason: int
     at: dt.datetime
+
+
+class FeedList(NamedTuple):
+    """One status list of a region feed: its own sequence (last change) and the feed's current one."""
+
+    region: str
+    list_id: int
+    capacity: int
+    sequence: int
+    feed_sequence: int
 
 
 class CrlBase(NamedTuple):
@@ -789,7 +800,7 @@ class Registry(abc.ABC):
                 "FOR UPDATE", tenant, region, list_id,
             )
             have = lst is not None
-            size, nxt = (int(lst["capacity"]), int(lst["next_index"])) if have else (0, 0)
+            size, nxt = (int(lst["capacity"]), int(lst["next_index"])) if lst is not None else (0, 0)
             out: list[tuple[int, int]] = []
             while len(out) < count:
                 if have and nxt >= size:
@@ -855,6 +866,34 @@ class Registry(abc.ABC):
             )
             for r in rows
         ]
+
+    async def feed_lists(self, tenant: str, region: str | None = None) -> list[FeedList]:
+        """Every status list of ``tenant`` (or of its ``region`` feed): what a feed publisher enumerates at start."""
+        sql = ("SELECT l.region, l.list_id, l.capacity, l.sequence, f.sequence AS feed_sequence FROM status_lists l "
+               "JOIN status_feeds f ON f.tenant = l.tenant AND f.region = l.region WHERE l.tenant = $1")
+        args: list[Any] = [tenant]
+        if region is not None:
+            args.append(region)
+            sql += " AND l.region = $2"
+        async with self._transaction(write=False) as tx:
+            rows = await tx.fetch(sql + " ORDER BY l.region, l.list_id", *args)
+        return [FeedList(r["region"], int(r["list_id"]), int(r["capacity"]), int(r["sequence"]),
+                         int(r["feed_sequence"])) for r in rows]
+
+    async def list_state(self, tenant: str, region: str, list_id: int) -> StatusListSnapshot | None:
+        """Like :meth:`status_list`, but ``sequence`` is the list's own: the feed sequence of its last change.
+
+        Deltas of other lists of the region do not move it, so a subscriber chaining one list's
+        deltas (each from the previous one's ``to``) can start from it.
+        """
+        async with self._transaction(write=False) as tx:
+            row = await tx.fetchrow(
+                "SELECT capacity, bits, sequence FROM status_lists WHERE tenant = $1 AND region = $2 AND list_id = $3",
+                tenant, region, list_id,
+            )
+        if row is None:
+            return None
+        return StatusListSnapshot(int(row["capacity"]), int(row["sequence"]), bytes(row["bits"]))
 
     # -- revocation
 

@@ -106,8 +106,11 @@ class _ThreadTx:
         return self._conn.execute(_translate(sql), args).fetchone()
 
 
-def _drive(coro: Coroutine[Any, Any, T]) -> T:
+def _drive(awaitable: Awaitable[T]) -> T:
     # Run a coroutine that never suspends to its end, synchronously, on the calling thread.
+    if not isinstance(awaitable, Coroutine):
+        raise TypeError("a registry transaction body must be a coroutine function")
+    coro: Coroutine[Any, Any, T] = awaitable
     try:
         coro.send(None)
     except StopIteration as done:
@@ -204,7 +207,7 @@ class SqliteRegistry(Registry):
         def transaction() -> T:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                result = _drive(body(_ThreadTx(conn)))  # type: ignore[arg-type]
+                result = _drive(body(_ThreadTx(conn)))
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
