@@ -16,8 +16,9 @@ Load it from an amqtt config (``plugins: {broker_plugin.plugin.CertmqPlugin: {..
   by :meth:`CertmqPlugin.revoke`, or by another process on the same registry (polled every
   ``revocation_poll`` seconds);
 * hands revocation deltas to :meth:`CertmqPlugin.on_deltas` callbacks and (``publish_feeds``)
-  publishes them, unsigned for now, on ``rev/{region}/delta``, with retained snapshots on
-  ``rev/{region}/snapshot``.
+  to a :class:`~broker_plugin.feeds_publisher.FeedPublisher`: signed (tenant CA, COSE_Sign1),
+  coalesced deltas on ``rev/{region}/delta`` and retained signed snapshots per status list
+  (``docs/revocation-feeds.md``).
 
 ``echo: true`` replaces the CA by a fixed reply of ``echo_reply_bytes`` bytes per request, sent
 through the same queue, batches and ``deliver_to``: the bare request/response baseline for the
@@ -47,15 +48,16 @@ from protocol.codec import decode, encode
 from protocol.codes import ErrorCode, Profile, RevocationReason
 from protocol.errors import CertmqError, DecodeError, TopicError
 from protocol.extensions import CAPABILITIES_OID, REGION_OID, decode_capabilities, decode_region
-from protocol.messages import Error, RevocationDelta
-from protocol.topics import PREFIX, ParsedTopic, delta_topic, parse_topic, response_topic_for, snapshot_topic
+from protocol.messages import Error
+from protocol.topics import PREFIX, ParsedTopic, parse_topic, response_topic_for
 
 from . import acl
 from .admission import AdmissionQueue
 from .broker import ConnectionInfo, HardenedBroker
+from .feeds_publisher import FeedPublisher
 from .ca import datadir as dd
 from .ca.claims import load_claim_policy
-from .ca.identity import NO_REGION, IdentityKind, NotAuthorized, Outcome, Outgoing, UnknownStatusList
+from .ca.identity import NO_REGION, IdentityKind, NotAuthorized, Outcome, Outgoing
 from .ca.signers import resolve_passphrase
 from .store.base import CertificateRecord, StatusDelta
 
@@ -126,7 +128,9 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
         rate: float = 0.2  #: per-client requests per second (0: no limit)
         burst: int = 3  #: per-client burst
         revocation_poll: float = 0.25  #: seconds between registry checks for other processes' revocations
-        publish_feeds: bool = True  #: publish (unsigned) revocation deltas and retained snapshots
+        publish_feeds: bool = True  #: publish signed revocation deltas and retained snapshots
+        feed_window: float = 0.05  #: seconds a burst of deltas is coalesced for (<= 0.05)
+        feed_snapshot_period: float = 300.0  #: seconds between periodic retained snapshot refreshes
         echo: bool = False  #: benchmark baseline: fixed reply, no CA work
         echo_reply_bytes: int = 1024
 
@@ -163,6 +167,7 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
         self.stats = {"requests": 0, "batches": 0, "replies": 0, "kicked": 0, "deltas": 0}
         self._echo = bytes(cfg.echo_reply_bytes)
         self._callbacks: list[DeltaCallback] = [self._publish_deltas] if cfg.publish_feeds else []
+        self.feeds: FeedPublisher | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._sends: set[asyncio.Task[None]] = set()
         self._feed_lock = asyncio.Lock()
@@ -206,6 +211,12 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
                                      signer=self.signer or _NoSigner(), clock=self.clock, rng_bytes=os.urandom)
             start = self.clock().replace(microsecond=0)
             self._watermark = {t: start for t in self.authorities}
+            if self.config.publish_feeds and not self.config.echo:
+                self.feeds = FeedPublisher(
+                    registry=self.registry, keys={t: a.key for t, a in self.authorities.items()},
+                    publish=self._publish_feed, clock=self.clock, window=self.config.feed_window,
+                    snapshot_period=self.config.feed_snapshot_period,
+                )
         except BaseException as exc:  # amqtt does not propagate plugin errors: keep it for the caller
             log.exception("certmq plugin could not start")
             self.startup_error = exc
@@ -215,9 +226,12 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
         """Publish the retained snapshots, start the batch workers and the revocation poller."""
         if self.service is None:
             return
-        if self.config.publish_feeds:
+        if self.feeds is not None:
+            await self.feeds.start()
             for tenant, authority in self.authorities.items():
                 await self._ensure_feed(tenant, authority.policy.default_region or NO_REGION)
+                for region in {fl.region for fl in await self.registry.feed_lists(tenant)}:
+                    await self._ensure_feed(tenant, region)
         drains = self.config.batch_tasks or self.config.workers + 1
         self._tasks = [asyncio.create_task(self._drain(), name=f"certmq-batch-{i}") for i in range(drains)]
         self._tasks.append(asyncio.create_task(self._poll(), name="certmq-revocation-poll"))
@@ -245,6 +259,8 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
     async def close(self) -> None:
         """Stop the workers, wait briefly for replies in flight, close the pool and the registry."""
         await self._stop_tasks()
+        if self.feeds is not None:
+            await self.feeds.close()
         if self._sends:
             await asyncio.wait(list(self._sends), timeout=2)
         self.service = None
@@ -435,37 +451,32 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
             except Exception:
                 log.exception("revocation delta callback %r failed", callback)
 
-    async def _publish_deltas(self, deltas: Sequence[StatusDelta]) -> None:
-        for d in deltas:
-            message = RevocationDelta(list_id=d.list_id, from_sequence=d.from_seq, to_sequence=d.to_seq,
-                                      indices=tuple(d.indices), reason=RevocationReason(d.reason), time=d.at)
-            await self.context.broadcast_message(delta_topic(d.tenant, d.region), encode(message), qos=1)
+    def _publish_deltas(self, deltas: Sequence[StatusDelta]) -> None:
+        if self.feeds is not None:
+            self.feeds.on_deltas(deltas)
+
+    async def _publish_feed(self, topic: str, payload: bytes, retain: bool) -> None:
+        if retain:
+            await self.context.retain_message(topic, payload, qos=1)
+        await self.context.broadcast_message(topic, payload, qos=1)
 
     async def _ensure_feed(self, tenant: str, region: str) -> None:
-        """Publish the retained snapshot(s) of a feed until one exists; remember the feed's sequence.
+        """Start tracking a feed's sequence and have its lists' retained snapshots published.
 
-        Called at start and when a session of a feed without a retained snapshot connects (its
-        status list may have been created since).
+        Called at start and when a session of a feed without a snapshot connects (its status list
+        may have been created since).
         """
         key = (tenant, region)
         async with self._feed_lock:
             if key in self._snapshotted or self.service is None:
                 return
-            sequence, list_id = self._feed_seq.get(key, 0), 1
-            while True:
-                try:
-                    snap = await self.service.snapshot(tenant=tenant, region=region, list_id=list_id)
-                except UnknownStatusList:
-                    break
-                sequence = max(sequence, snap.sequence)
-                if self.config.publish_feeds:
-                    # One retained message per topic: with several lists the newest stays retained.
-                    payload = encode(snap)
-                    await self.context.retain_message(snapshot_topic(tenant, region), payload, qos=1)
-                    await self.context.broadcast_message(snapshot_topic(tenant, region), payload, qos=1)
+            lists = await self.registry.feed_lists(tenant, region)
+            sequence = max((fl.feed_sequence for fl in lists), default=0)
+            self._feed_seq[key] = max(self._feed_seq.get(key, 0), sequence)
+            if lists:
                 self._snapshotted.add(key)
-                list_id += 1
-            self._feed_seq[key] = sequence
+        if lists and self.feeds is not None:
+            await self.feeds.ensure(tenant, region)
 
     async def _poll(self) -> None:
         while True:
