@@ -17,12 +17,21 @@ revocation only ever sets bits, so a set bit is REVOKED even while stale.
 and, with ``strict=True`` (the default), for STALE.
 
 Feed authenticity: every payload goes through ``verifier(topic, payload)``
-first, which returns True to accept. **There is no default**: the signing
-format of feeds is not specified yet, so the cache refuses to start without a
-verifier. A deployment that relies on the broker's ACL (only the CA may
-publish on ``rev`` topics, and the connection to the broker is TLS with a
-pinned CA) passes :func:`trust_broker_acl` -- an explicit, greppable choice,
-not a silent one.
+first. **There is no default**. Feeds are signed by the tenant CA
+(COSE_Sign1, ``docs/wire-format.md`` section 9): pass
+:class:`device_client.feedverify.SignedFeedVerifier` (from the tenant CA
+certificate), which returns the verified inner message bytes and refuses
+unsigned and foreign-signed data. A verifier returning ``True`` accepts the
+payload itself as an unsigned message: only :func:`trust_broker_acl` does that
+(authenticity from the broker's ACL and TLS alone), an explicit, greppable
+choice for legacy unsigned feeds, not a silent one.
+
+Snapshots arrive on ``.../snapshot`` (the region's newest list) and
+``.../snapshot/{list_id}`` (every list, retained). Gap recovery: the
+``request_snapshot(list_id)`` callback should re-subscribe to the list's
+retained snapshot topic (:meth:`RevocationCache.list_snapshot_topic`) or send
+a SnapshotRequest; a cache with a signature-checking verifier refuses the
+(unsigned) SnapshotRequest reply object and takes signed bytes only.
 
 State persists in one file (atomic replace) after every applied change, so a
 restart answers at once and resumes the feed from the held sequence.
@@ -51,8 +60,8 @@ __all__ = ["FeedRejected", "FeedVerifier", "RevocationCache", "RevocationStatus"
 
 log = logging.getLogger("certmq.revocation")
 
-FeedVerifier = Callable[[str, bytes], bool]
-"""``verifier(topic, payload) -> bool``: True accepts a feed message."""
+FeedVerifier = Callable[[str, bytes], "bool | bytes"]
+"""``verifier(topic, payload)``: verified inner message bytes, ``True`` (accept ``payload`` unsigned), or ``False``."""
 
 
 def trust_broker_acl(topic: str, payload: bytes) -> bool:
@@ -112,6 +121,24 @@ class RevocationCache:
     def delta_topic(self) -> str:
         return topics.delta_topic(self.tenant, self.region)
 
+    def list_snapshot_topic(self, list_id: int) -> str:
+        """``.../rev/{region}/snapshot/{list_id}``: where list ``list_id``'s signed snapshot is retained."""
+        return f"{self.snapshot_topic}/{int(list_id)}"
+
+    def _is_snapshot_topic(self, topic: str) -> bool:
+        if topic == self.snapshot_topic:
+            return True
+        head, _, tail = topic.rpartition("/")
+        return head == self.snapshot_topic and tail.isdigit() and tail == str(int(tail))
+
+    def _verified(self, topic: str, payload: bytes) -> bytes:
+        result = self.verifier(topic, payload)
+        if result is True:
+            return payload
+        if isinstance(result, (bytes, bytearray)) and result:
+            return bytes(result)
+        raise FeedRejected(f"feed message on {topic} refused by the verifier")
+
     # -- persistence -----------------------------------------------------------------
 
     def _load(self) -> None:
@@ -145,16 +172,18 @@ class RevocationCache:
         misaddressed or malformed message. A gap is not an error: it marks the
         list stale and asks for a snapshot.
         """
-        if topic not in (self.snapshot_topic, self.delta_topic):
+        is_snapshot = self._is_snapshot_topic(topic)
+        if not is_snapshot and topic != self.delta_topic:
             raise FeedRejected(f"{topic!r} is not this cache's feed ({self.tenant}/{self.region})")
-        if not self.verifier(topic, payload):
-            raise FeedRejected(f"feed message on {topic} refused by the verifier")
+        inner = self._verified(topic, payload)
         try:
-            message = codec.decode(payload)
+            message = codec.decode(inner)
         except DecodeError as exc:
             raise FeedRejected(f"undecodable feed message on {topic}: {exc}") from None
         try:
-            if isinstance(message, RevocationSnapshot) and topic == self.snapshot_topic:
+            if isinstance(message, RevocationSnapshot) and is_snapshot:
+                if topic != self.snapshot_topic and topic != self.list_snapshot_topic(message.list_id):
+                    raise FeedRejected(f"snapshot of list {message.list_id} on {topic}")
                 return self._snapshot(message)
             if isinstance(message, RevocationDelta) and topic == self.delta_topic:
                 return self._delta(message)
@@ -162,9 +191,26 @@ class RevocationCache:
             raise FeedRejected(f"invalid feed message on {topic}: {exc}") from None
         raise FeedRejected(f"a {type(message).__name__} does not belong on {topic}")
 
-    def handle_snapshot_reply(self, message: RevocationSnapshot) -> bool:
-        """Apply a snapshot that answered a SnapshotRequest (on the requester's own reply topic)."""
-        return self._snapshot(message)
+    def handle_snapshot_reply(self, message: RevocationSnapshot | bytes) -> bool:
+        """Apply a snapshot that answered a SnapshotRequest (on the requester's own reply topic).
+
+        ``bytes`` go through the verifier like a feed message. A decoded (unsigned) snapshot is
+        refused with :class:`FeedRejected` when the verifier requires signatures.
+        """
+        if isinstance(message, (bytes, bytearray)):
+            inner = self._verified(self.snapshot_topic, bytes(message))
+            try:
+                message = codec.decode(inner)  # type: ignore[assignment]
+            except DecodeError as exc:
+                raise FeedRejected(f"undecodable snapshot reply: {exc}") from None
+            if not isinstance(message, RevocationSnapshot):
+                raise FeedRejected(f"a {type(message).__name__} is not a snapshot reply")
+        elif getattr(self.verifier, "requires_signature", False):
+            raise FeedRejected("unsigned snapshot reply refused: this cache accepts signed feed data only")
+        try:
+            return self._snapshot(message)
+        except RemoteProtocolError as exc:
+            raise FeedRejected(f"invalid snapshot reply: {exc}") from None
 
     def _snapshot(self, snap: RevocationSnapshot) -> bool:
         held = self.lists.get(snap.list_id)
