@@ -34,6 +34,11 @@ Decisions worth knowing:
   rule (checked on the signer's result, so the event loop never parses a CSR).
 * **Claims.** A claim credential may not provision a device id that already has an active
   operational (or factory) certificate: otherwise a leaked claim could clone a live device.
+* **Batches.** A :meth:`CAService.handle_many` batch reserves its status slots with one
+  registry call per (tenant, region) and commits its certificates with one
+  ``commit_issuances`` call (one transaction; each item keeps the outcome it would have had
+  alone). With ``coalesce`` set, concurrent :meth:`CAService.handle` calls are gathered into
+  such batches (group commit) -- the adapter that drives the service chooses.
 * **Regions.** A certificate joins the region named in the provisioning parameters, else the
   claim policy's region, else (for devices) the region of the certificate it authenticated with,
   else the tenant's ``default_region``; with none of these it carries no region extension and is
@@ -293,9 +298,10 @@ class CAService:
         item = (identity, topic, payload)
         if self._coalesce <= 1:
             return (await self.handle_many([item]))[0]
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Outcome] = loop.create_future()
         self._queue.append((item, future))
-        if self._collector is None or self._collector.done():
+        if self._collector is None or self._collector.done() or self._collector.get_loop() is not loop:
             self._collector = asyncio.create_task(self._collect(), name="certmq-ca-collector")
         return await future
 
