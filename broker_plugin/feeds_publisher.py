@@ -257,6 +257,8 @@ class FeedPublisher:
         if reg is None:
             reg = self._regions[(tenant, region)] = _Region(feed_sequence=-1)
         lists = await self.registry.feed_lists(tenant, region)
+        for fl in lists:  # all known first: only the newest list goes on the plain snapshot topic
+            reg.lists.setdefault(fl.list_id, _List(size=fl.capacity, sequence=fl.sequence))
         for fl in lists:
             await self._load_list(tenant, region, reg, fl.list_id)
         if lists:
