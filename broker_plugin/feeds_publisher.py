@@ -3,7 +3,8 @@
 The plugin hands every committed revocation delta of the registry (``StatusDelta``, local or
 polled, in feed order per region) to :meth:`FeedPublisher.on_deltas`. The publisher
 
-* coalesces the deltas of one region arriving within ``window`` seconds (default 50 ms) into
+* publishes a region's first delta at once and coalesces the deltas arriving within the next
+  ``window`` seconds (default 50 ms; leading edge, then at most one publish per window) into
   **one delta per status list** (:func:`protocol.statuslist.merge_deltas`); when the merged
   revocations had different reasons the merged delta says ``UNSPECIFIED`` (the CRL and the
   registry keep each certificate's own reason), its time is the latest revocation's;
@@ -98,6 +99,7 @@ class _Region:
     lists: dict[int, _List] = field(default_factory=dict)
     pending: list[StatusDelta] = field(default_factory=list)
     flush: asyncio.Task[None] | None = None
+    last_flush: float = float("-inf")  #: monotonic time of the last flush
 
 
 class FeedPublisher:
@@ -185,7 +187,9 @@ class FeedPublisher:
                 reg = self._regions[(d.tenant, d.region)] = _Region(feed_sequence=-1)
             reg.pending.append(d)
             if reg.flush is None or reg.flush.done():
-                reg.flush = asyncio.create_task(self._flush_later(d.tenant, d.region))
+                # Leading edge: a lone revocation goes out at once; a burst waits out the window.
+                delay = max(0.0, reg.last_flush + self.window - time.monotonic())
+                reg.flush = asyncio.create_task(self._flush_later(d.tenant, d.region, delay))
 
     async def flush(self) -> None:
         """Wait until every delta handed in so far is published."""
@@ -195,9 +199,9 @@ class FeedPublisher:
                 return
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _flush_later(self, tenant: str, region: str) -> None:
-        if self.window:
-            await asyncio.sleep(self.window)
+    async def _flush_later(self, tenant: str, region: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._regions[(tenant, region)].last_flush = time.monotonic()
         try:
             async with self._lock:
                 await self._flush(tenant, region)

@@ -91,7 +91,7 @@ async def test_burst_within_the_window_is_one_delta_per_list(ca: Ca) -> None:
     pending.extend(await revoke(ca, devs[CAPACITY].serial))
     for d in pending:  # handed in one at a time, as the plugin does
         pub.on_deltas([d])
-    assert rec.deltas() == []  # nothing before the window closes
+    assert rec.deltas() == []  # published by a task, never inside on_deltas
     await pub.flush()
     got = rec.deltas()
     assert [(d.list_id, d.from_sequence, d.to_sequence, d.indices, d.reason) for d in got] == [
@@ -101,6 +101,26 @@ async def test_burst_within_the_window_is_one_delta_per_list(ca: Ca) -> None:
     await asyncio.sleep(0.05)
     snap = rec.snapshots(list_snapshot_topic("acme", "eu", 1))[-1]
     assert snap.sequence == 3  # refreshed after the batch, consistent with the delta's to
+    # Leading edge then window: right after a publish, the next deltas wait out the window together.
+    start = asyncio.get_running_loop().time()
+    pub.on_deltas(await revoke(ca, devs[3].serial))
+    pub.on_deltas(await revoke(ca, devs[CAPACITY + 1].serial))
+    await pub.flush()
+    assert asyncio.get_running_loop().time() - start < 0.5
+    assert [(d.list_id, d.from_sequence, d.to_sequence) for d in rec.deltas()[2:]] == [(1, 3, 5), (2, 4, 6)]
+    await pub.close()
+
+
+async def test_a_lone_revocation_is_not_held_for_the_window(ca: Ca) -> None:
+    dev = await ca.mint("acme", "d0")
+    pub, rec = publisher(ca, window=0.05)
+    await pub.start()
+    await asyncio.sleep(0.06)
+    loop = asyncio.get_running_loop()
+    pub.on_deltas(await revoke(ca, dev.serial))
+    start = loop.time()
+    await pub.flush()
+    assert len(rec.deltas()) == 1 and loop.time() - start < 0.04
     await pub.close()
 
 
