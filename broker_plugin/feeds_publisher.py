@@ -235,24 +235,28 @@ class FeedPublisher:
             ds = [d for d in ds if d.to_seq > lst.sequence]
             if not ds:
                 continue
-            chain, prev = [], lst.sequence
-            for d in ds:  # the list's own chain: each from the previous one's to
-                chain.append(statuslist.MergedDelta(list_id=list_id, from_sequence=prev, to_sequence=d.to_seq,
-                                                    indices=tuple(sorted(set(d.indices)))))
-                prev = d.to_seq
-            merged = statuslist.merge_deltas(chain)
-            reasons = {d.reason for d in ds}
-            reason = RevocationReason(reasons.pop()) if len(reasons) == 1 else RevocationReason.UNSPECIFIED
-            message = RevocationDelta(list_id=list_id, from_sequence=lst.sequence, to_sequence=merged.to_sequence,
-                                      indices=merged.indices, reason=reason, time=max(d.at for d in ds))
-            payload = await asyncio.to_thread(self.signers[tenant].sign, codec.encode(message))
+            # Merging, encoding and signing a mass revocation's 100k indices is real work: off the loop.
+            payload = await asyncio.to_thread(self._signed_delta, tenant, list_id, lst.sequence, ds)
             await self.publish(delta_topic(tenant, region), payload, False)
             self.stats["deltas_out"] += 1
-            lst.sequence = merged.to_sequence
+            lst.sequence = ds[-1].to_seq
             lst.dirty = True
         reg.feed_sequence = batch[-1].to_seq
         for list_id in per_list:
             self._maybe_snapshot(tenant, region, list_id)
+
+    def _signed_delta(self, tenant: str, list_id: int, held: int, ds: list[StatusDelta]) -> bytes:
+        chain, prev = [], held
+        for d in ds:  # the list's own chain: each from the previous one's to
+            chain.append(statuslist.MergedDelta(list_id=list_id, from_sequence=prev, to_sequence=d.to_seq,
+                                                indices=tuple(sorted(set(d.indices)))))
+            prev = d.to_seq
+        merged = statuslist.merge_deltas(chain)
+        reasons = {d.reason for d in ds}
+        reason = RevocationReason(reasons.pop()) if len(reasons) == 1 else RevocationReason.UNSPECIFIED
+        message = RevocationDelta(list_id=list_id, from_sequence=held, to_sequence=merged.to_sequence,
+                                  indices=merged.indices, reason=reason, time=max(d.at for d in ds))
+        return self.signers[tenant].sign(codec.encode(message))
 
     # -- snapshots -----------------------------------------------------------------------
 
