@@ -47,6 +47,9 @@ __all__ = [
     "RevocationOutcome",
     "RevokedEntry",
     "SchemaTooNew",
+    "SessionRecord",
+    "SessionUpdate",
+    "StoredHealthReport",
     "serial_hex",
     "StatusDelta",
     "StatusListSnapshot",
@@ -346,6 +349,76 @@ class RevokedEntry(NamedTuple):
     serial: int
     revoked_at: dt.datetime
     reason: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class SessionUpdate:
+    """What one broker saw of one certificate's sessions since its last write (:meth:`Registry.record_sessions`).
+
+    ``connected_at`` is the last connect in the period (None: none); ``disconnected_at`` the
+    disconnect after it, or None when the session was live at the end of the period.
+    ``connects`` and ``duplicates`` (a second session with the same certificate while one was
+    live) are added to the stored counters.
+    """
+
+    tenant: str
+    device_id: str
+    serial: int
+    kind: str
+    client_id: str
+    node: str
+    last_seen: dt.datetime
+    remote: str | None = None
+    connected_at: dt.datetime | None = None
+    disconnected_at: dt.datetime | None = None
+    connects: int = 0
+    duplicates: int = 0
+    last_duplicate_at: dt.datetime | None = None
+
+    def __post_init__(self) -> None:
+        serial_hex(self.serial)
+        for name in ("tenant", "device_id", "kind", "client_id", "node"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string")
+        object.__setattr__(self, "last_seen", _aware(self.last_seen, "last_seen"))
+        for name in ("connected_at", "disconnected_at", "last_duplicate_at"):
+            object.__setattr__(self, name, _aware(getattr(self, name), name, optional=True))
+        if self.connects < 0 or self.duplicates < 0:
+            raise ValueError("connects and duplicates must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SessionRecord:
+    """A certificate's sessions as the registry keeps them; ``live`` while ``disconnected_at`` is None."""
+
+    tenant: str
+    device_id: str
+    serial: int
+    kind: str
+    client_id: str
+    node: str
+    remote: str | None
+    connected_at: dt.datetime | None
+    disconnected_at: dt.datetime | None
+    last_seen: dt.datetime
+    connects: int
+    duplicates: int
+    last_duplicate_at: dt.datetime | None
+
+    @property
+    def live(self) -> bool:
+        """Connected when the broker last wrote (a crashed broker's rows stay live until it restarts)."""
+        return self.disconnected_at is None and self.connected_at is not None
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoredHealthReport:
+    """The last health report a broker node published for a tenant (the JSON it sent)."""
+
+    tenant: str
+    node: str
+    generated_at: dt.datetime
+    report: Mapping[str, Any]
 
 
 # ---------------------------------------------------------------- the interface
@@ -1186,6 +1259,137 @@ class Registry(abc.ABC):
         return ClaimUse(tenant=tenant, claim_id=claim_id, use_no=uses + 1, device_id=device_id,
                         serial=int(serial_text, 16), at=from_epoch(epoch))  # type: ignore[arg-type]
 
+
+    # -- fleet health: sessions seen by brokers, their last reports
+
+    async def record_sessions(self, updates: Sequence[SessionUpdate]) -> int:
+        """Write a period's session updates in ONE transaction (multi-row upserts); rows written.
+
+        Brokers call this with everything they saw in the last second or so, one update per
+        certificate, so a connection storm costs one transaction a second, not one per CONNECT.
+        """
+        batch = list(updates)
+        for update in batch:
+            if not isinstance(update, SessionUpdate):
+                raise TypeError("record_sessions takes SessionUpdate values")
+        if not batch:
+            return 0
+        merged: dict[tuple[str, str, int], SessionUpdate] = {}
+        for update in batch:  # later updates of the same certificate win; counters add up
+            key = (update.tenant, update.device_id, update.serial)
+            prev = merged.get(key)
+            if prev is not None:
+                update = replace(update, connects=prev.connects + update.connects,
+                                 duplicates=prev.duplicates + update.duplicates,
+                                 connected_at=update.connected_at or prev.connected_at,
+                                 remote=update.remote or prev.remote,
+                                 last_duplicate_at=update.last_duplicate_at or prev.last_duplicate_at)
+            merged[key] = update
+        cols = ("tenant, device_id, serial, kind, client_id, node, remote, connected_at, disconnected_at, "
+                "last_seen, connects, duplicates, last_duplicate_at")
+        rows = [
+            (u.tenant, u.device_id, serial_hex(u.serial), u.kind, u.client_id, u.node, u.remote,
+             None if u.connected_at is None else to_epoch(u.connected_at),
+             None if u.disconnected_at is None else to_epoch(u.disconnected_at), to_epoch(u.last_seen),
+             u.connects, u.duplicates, None if u.last_duplicate_at is None else to_epoch(u.last_duplicate_at))
+            for u in merged.values()
+        ]
+        width = len(rows[0])
+        step = max(1, _MAX_PARAMS // width)
+
+        async def body(tx: Tx) -> int:
+            for start in range(0, len(rows), step):
+                chunk = rows[start:start + step]
+                values = ", ".join(
+                    "(" + ", ".join(f"${i * width + j + 1}" for j in range(width)) + ")" for i in range(len(chunk))
+                )
+                await tx.execute(
+                    f"INSERT INTO sessions ({cols}) VALUES {values} ON CONFLICT (tenant, device_id, serial) DO UPDATE "
+                    "SET kind = excluded.kind, client_id = excluded.client_id, node = excluded.node, "
+                    "remote = COALESCE(excluded.remote, sessions.remote), "
+                    "connected_at = COALESCE(excluded.connected_at, sessions.connected_at), "
+                    "disconnected_at = excluded.disconnected_at, "
+                    "last_seen = CASE WHEN excluded.last_seen > sessions.last_seen THEN excluded.last_seen "
+                    "ELSE sessions.last_seen END, "
+                    "connects = sessions.connects + excluded.connects, "
+                    "duplicates = sessions.duplicates + excluded.duplicates, "
+                    "last_duplicate_at = COALESCE(excluded.last_duplicate_at, sessions.last_duplicate_at)",
+                    *[v for row in chunk for v in row],
+                )
+            return len(rows)
+
+        return await self._run(body, write=True)
+
+    async def close_sessions(self, node: str, at: dt.datetime) -> int:
+        """Mark every session ``node`` left live as disconnected at ``at`` (a broker starting after a crash)."""
+        epoch = to_epoch(at)
+
+        async def body(tx: Tx) -> int:
+            rows = await tx.fetch(
+                "UPDATE sessions SET disconnected_at = $2, last_seen = CASE WHEN last_seen > $2 THEN last_seen "
+                "ELSE $2 END WHERE node = $1 AND disconnected_at IS NULL RETURNING serial", node, epoch,
+            )
+            return len(rows)
+
+        return await self._run(body, write=True)
+
+    @staticmethod
+    def _session(row: Any) -> SessionRecord:
+        return SessionRecord(
+            tenant=row["tenant"], device_id=row["device_id"], serial=int(row["serial"], 16), kind=row["kind"],
+            client_id=row["client_id"], node=row["node"], remote=row["remote"],
+            connected_at=from_epoch(row["connected_at"]), disconnected_at=from_epoch(row["disconnected_at"]),
+            last_seen=from_epoch(row["last_seen"]),  # type: ignore[arg-type]
+            connects=int(row["connects"]), duplicates=int(row["duplicates"]),
+            last_duplicate_at=from_epoch(row["last_duplicate_at"]),
+        )
+
+    async def sessions(self, tenant: str, *, live_only: bool = False) -> list[SessionRecord]:
+        """Every certificate's session row of ``tenant`` (or only the live ones), by device and serial."""
+        sql = "SELECT * FROM sessions WHERE tenant = $1"
+        if live_only:
+            sql += " AND disconnected_at IS NULL AND connected_at IS NOT NULL"
+        rows = await self._run(lambda tx: tx.fetch(sql + " ORDER BY device_id, serial", tenant), write=False)
+        return [self._session(r) for r in rows]
+
+    async def certificates(
+        self, tenant: str, *, status: CertificateStatus | str | None = None, page: int = 2000
+    ) -> AsyncIterator[CertificateRecord]:
+        """Yield every certificate of ``tenant`` (optionally of one ``status``) in serial order, read in pages."""
+        if page < 1:
+            raise ValueError("page must be >= 1")
+        last = ""
+        extra = "" if status is None else " AND status = $4"
+        args: list[Any] = [] if status is None else [str(CertificateStatus(status))]
+        while True:
+            rows = await self._run(lambda tx: tx.fetch(
+                f"SELECT {_CERT_COLS} FROM certificates WHERE tenant = $1 AND serial > $2{extra} "
+                "ORDER BY serial LIMIT $3", tenant, last, page, *args,
+            ), write=False)
+            for row in rows:
+                yield _cert(row)
+            if len(rows) < page:
+                return
+            last = rows[-1]["serial"]
+
+    async def put_health_report(self, tenant: str, node: str, generated_at: dt.datetime,
+                                report: Mapping[str, Any]) -> None:
+        """Keep ``report`` as ``node``'s latest health report for ``tenant`` (replacing the previous one)."""
+        text = json.dumps(dict(report), sort_keys=True, separators=(",", ":"))
+        epoch = to_epoch(generated_at)
+        await self._run(lambda tx: tx.execute(
+            "INSERT INTO health_reports (tenant, node, generated_at, report) VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT (tenant, node) DO UPDATE SET generated_at = excluded.generated_at, report = excluded.report",
+            tenant, node, epoch, text,
+        ), write=True)
+
+    async def health_reports(self, tenant: str) -> list[StoredHealthReport]:
+        """The latest health report of every broker node for ``tenant``, newest first."""
+        rows = await self._run(lambda tx: tx.fetch(
+            "SELECT * FROM health_reports WHERE tenant = $1 ORDER BY generated_at DESC, node", tenant
+        ), write=False)
+        return [StoredHealthReport(tenant=r["tenant"], node=r["node"], generated_at=from_epoch(r["generated_at"]),  # type: ignore[arg-type]
+                                   report=json.loads(r["report"])) for r in rows]
 
 async def open_registry(url: str) -> Registry:
     """Open (creating and migrating as needed) the registry at ``url``.

@@ -192,6 +192,35 @@ _V3: dict[str, list[str]] = {
 }
 
 
+# v4: fleet health. Sessions the broker saw (one row per tenant, device and certificate serial:
+# last connect / disconnect, NULL disconnected_at while live, counters) and the last findings
+# report each broker node published, so `certmq status` in another process can show both.
+_V4 = [
+    """CREATE TABLE sessions (
+        tenant TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        serial TEXT NOT NULL CHECK (length(serial) = 40),
+        kind TEXT NOT NULL,
+        client_id TEXT NOT NULL,
+        node TEXT NOT NULL,
+        remote TEXT,
+        connected_at BIGINT,
+        disconnected_at BIGINT,
+        last_seen BIGINT NOT NULL,
+        connects BIGINT NOT NULL DEFAULT 0,
+        duplicates BIGINT NOT NULL DEFAULT 0,
+        last_duplicate_at BIGINT,
+        PRIMARY KEY (tenant, device_id, serial))""",
+    "CREATE INDEX sessions_live ON sessions (tenant, node) WHERE disconnected_at IS NULL",
+    """CREATE TABLE health_reports (
+        tenant TEXT NOT NULL,
+        node TEXT NOT NULL,
+        generated_at BIGINT NOT NULL,
+        report TEXT NOT NULL,
+        PRIMARY KEY (tenant, node))""",
+]
+
+
 @dataclass(frozen=True, kw_only=True)
 class Migration:
     """One forward step: after it the database is at ``version``."""
@@ -206,6 +235,7 @@ _STEPS: list[tuple[int, str, list[str] | dict[str, list[str]]]] = [
     (1, "certificates, requests, status lists, audit trail", _V1),
     (2, "claims, CRL numbers, certificate kind and renewal chain", _V2),
     (3, "operator certificates, base CRL of each shard", _V3),
+    (4, "sessions seen by the broker, last health report per node", _V4),
 ]
 
 LATEST = _STEPS[-1][0]
