@@ -18,6 +18,10 @@ polled, in feed order per region) to :meth:`FeedPublisher.on_deltas`. The publis
   than ``snapshot_cost_factor`` times the time the previous one took, so a 16M-entry list cannot
   eat the CPU), and every ``snapshot_period`` seconds.
 
+A merged delta with more than ``MAX_INDICES`` (65,536) indices is not sent: the list's signed
+snapshot is published (retained and live) in its place, at the sequence the delta would have
+reached; subscribers on the snapshot topics apply it like any newer snapshot.
+
 Sequences are **per list** (``docs/wire-format.md`` section 7): the registry numbers deltas per
 region feed, so the publisher chains each list's deltas itself, ``from`` = the list's previous
 ``to`` (its own sequence, :meth:`Registry.list_state`). If the region's feed ever skips (a delta
@@ -44,7 +48,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from protocol import codec, feedsig, statuslist
 from protocol.codes import RevocationReason
-from protocol.messages import RevocationDelta, RevocationSnapshot
+from protocol.messages import MAX_INDICES, RevocationDelta, RevocationSnapshot
 from protocol.topics import delta_topic, snapshot_topic
 
 from .store.base import Registry, StatusDelta
@@ -131,7 +135,7 @@ class FeedPublisher:
         self.snapshot_min_interval = snapshot_min_interval
         self.snapshot_cost_factor = snapshot_cost_factor
         self.discover_period = discover_period
-        self.stats = {"deltas_in": 0, "deltas_out": 0, "snapshots": 0, "resyncs": 0}
+        self.stats = {"deltas_in": 0, "deltas_out": 0, "snapshots": 0, "resyncs": 0, "oversized": 0}
         self._regions: dict[tuple[str, str], _Region] = {}
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -237,6 +241,10 @@ class FeedPublisher:
                 continue
             # Merging, encoding and signing a mass revocation's 100k indices is real work: off the loop.
             payload = await asyncio.to_thread(self._signed_delta, tenant, list_id, lst.sequence, ds)
+            if payload is None:  # more indices than a delta may carry: the snapshot says it all
+                self.stats["oversized"] += 1
+                await self._load_list(tenant, region, reg, list_id)
+                continue
             await self.publish(delta_topic(tenant, region), payload, False)
             self.stats["deltas_out"] += 1
             lst.sequence = ds[-1].to_seq
@@ -245,13 +253,15 @@ class FeedPublisher:
         for list_id in per_list:
             self._maybe_snapshot(tenant, region, list_id)
 
-    def _signed_delta(self, tenant: str, list_id: int, held: int, ds: list[StatusDelta]) -> bytes:
+    def _signed_delta(self, tenant: str, list_id: int, held: int, ds: list[StatusDelta]) -> bytes | None:
         chain, prev = [], held
         for d in ds:  # the list's own chain: each from the previous one's to
             chain.append(statuslist.MergedDelta(list_id=list_id, from_sequence=prev, to_sequence=d.to_seq,
                                                 indices=tuple(sorted(set(d.indices)))))
             prev = d.to_seq
         merged = statuslist.merge_deltas(chain)
+        if len(merged.indices) > MAX_INDICES:
+            return None
         reasons = {d.reason for d in ds}
         reason = RevocationReason(reasons.pop()) if len(reasons) == 1 else RevocationReason.UNSPECIFIED
         message = RevocationDelta(list_id=list_id, from_sequence=held, to_sequence=merged.to_sequence,

@@ -221,3 +221,27 @@ async def test_new_lists_are_discovered_and_snapshotted(ca: Ca) -> None:
 def test_delta_topic_is_the_regions() -> None:
     assert list_snapshot_topic("acme", "eu", 7) == snapshot_topic("acme", "eu") + "/7"
     assert delta_topic("acme", "eu").endswith("/rev/eu/delta")
+
+
+async def test_an_oversized_delta_is_replaced_by_the_snapshot(ca: Ca, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More merged indices than a delta may carry (limit patched down to 1): the list's signed
+    snapshot at the reached sequence goes out instead, and a subscriber applying it is current."""
+    from broker_plugin import feeds_publisher
+
+    monkeypatch.setattr(feeds_publisher, "MAX_INDICES", 1)
+    devs = [await ca.mint("acme", f"d{i}") for i in range(3)]
+    pub, rec = publisher(ca, window=0.05)
+    await pub.start()
+    topic = list_snapshot_topic("acme", "eu", 1)
+    held = StatusList.from_snapshot(rec.snapshots(topic)[0])
+    pending = [d for dev in devs[:2] for d in await revoke(ca, dev.serial)]
+    pub.on_deltas(pending)  # coalesced: 2 indices > 1
+    await pub.flush()
+    assert rec.deltas() == [] and pub.stats["oversized"] == 1
+    snap = rec.snapshots(topic)[-1]
+    assert snap.sequence == 2 and held.apply_snapshot(snap) and held.revoked_count() == 2
+    pub.on_deltas(await revoke(ca, devs[2].serial))  # one index: a delta again, chained on
+    await pub.flush()
+    [delta] = rec.deltas()
+    assert held.apply_delta(delta) and held.revoked_count() == 3
+    await pub.close()
