@@ -1,0 +1,498 @@
+"""Fleet health: certificate states, expiry, renewal load forecast, last seen, and audit findings.
+
+:func:`assess` is a pure function of values: a tenant's certificates (registry records), the
+sessions the brokers recorded, the live sessions (the broker's own, or the registry rows still
+marked live), the tenant policy, its CA certificates and ``now``. It returns a
+:class:`FleetHealth`: the numbers ``certmq status`` prints and the :class:`Finding` list the broker
+publishes on ``certmq/v1/{tenant}/ops/findings``. :func:`assess_registry` only gathers those values
+from a registry and calls it.
+
+The audit checks, in the spirit of AWS IoT Device Defender (each a finding with severity,
+subject and text):
+
+``ca-certificate-expiring``
+    the tenant's issuing or root CA certificate expires within ``ca_expiry_days`` (90).
+``device-certificate-expiring``
+    a device's current certificate is past its renewal moment and expires within
+    ``device_expiry_days`` (30); an operator certificate within that time (operators renew by hand).
+``no-recent-renewal``
+    a device's current certificate is past its renewal moment and was issued more than
+    ``days_without_renewal`` days ago: the device has not renewed (expired ones included).
+``weak-key``
+    an active certificate's key is RSA below 2048 bits, RSA below the policy's minimum, or a key
+    type / curve the tenant policy no longer allows (a certificate from before a policy change).
+``revoked-still-connected``
+    a live session authenticated with a revoked certificate (a kick must have failed).
+``conflicting-sessions``
+    one certificate connected from a second session while the first was live (a takeover: a
+    cloned credential, or a device whose old connection the broker had not yet noticed dead),
+    within the last ``duplicate_lookback``.
+
+A device's *current* certificate is its newest (by issuance) of a kind and profile; an older one
+still valid after a renewal is superseded and is not expected to renew. This module knows the
+registry's value types, the policy and the renewal arithmetic; it knows nothing of MQTT, SQL or
+the clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from protocol.codes import Profile
+from protocol.renewal import RenewalPolicy, renewal_time
+
+from .ca.policy import ProfilePolicy, TenantPolicy, key_type_of
+from .store.base import CertificateKind, CertificateRecord, CertificateStatus, SessionRecord
+
+__all__ = [
+    "EXPIRY_HORIZONS",
+    "Check",
+    "DeviceSeen",
+    "FleetHealth",
+    "Finding",
+    "HealthSettings",
+    "KeyCache",
+    "LiveSession",
+    "Severity",
+    "assess",
+    "assess_registry",
+    "expiry_buckets",
+]
+
+#: The "expiring within" horizons of the summary, in days.
+EXPIRY_HORIZONS = (7, 30, 90)
+_DEVICE_KINDS = (CertificateKind.OPERATIONAL, CertificateKind.FACTORY)
+_DAY = dt.timedelta(days=1)
+_NEVER = dt.datetime.min.replace(tzinfo=dt.UTC)
+
+KeyCache = MutableMapping[bytes, tuple[str, int]]
+"""spki_sha256 -> (key type as the policy names it, RSA bits or 0): keys parsed once per process."""
+
+
+class Severity(enum.StrEnum):
+    """How urgent a finding is."""
+
+    CRITICAL = "critical"
+    HIGH = "high"
+    MEDIUM = "medium"
+    LOW = "low"
+
+
+_RANK = {Severity.CRITICAL: 0, Severity.HIGH: 1, Severity.MEDIUM: 2, Severity.LOW: 3}
+
+
+class Check(enum.StrEnum):
+    """The audit checks (module docstring)."""
+
+    CA_CERTIFICATE_EXPIRING = "ca-certificate-expiring"
+    DEVICE_CERTIFICATE_EXPIRING = "device-certificate-expiring"
+    NO_RECENT_RENEWAL = "no-recent-renewal"
+    WEAK_KEY = "weak-key"
+    REVOKED_STILL_CONNECTED = "revoked-still-connected"
+    CONFLICTING_SESSIONS = "conflicting-sessions"
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Finding:
+    """One audit finding: which check, how bad, about what (``tenant/device/serial`` or ``tenant/ca/role``)."""
+
+    check: Check
+    severity: Severity
+    subject: str
+    text: str
+    details: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (the published form)."""
+        return {"check": str(self.check), "severity": str(self.severity), "subject": self.subject,
+                "text": self.text, "details": dict(self.details)}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HealthSettings:
+    """Thresholds of the checks and the forecast horizon."""
+
+    days_without_renewal: int = 30
+    forecast_days: int = 30
+    device_expiry_days: int = 30
+    ca_expiry_days: int = 90
+    duplicate_lookback: dt.timedelta = dt.timedelta(days=1)
+
+    def __post_init__(self) -> None:
+        for name in ("days_without_renewal", "forecast_days", "device_expiry_days", "ca_expiry_days"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.forecast_days > 3660:
+            raise ValueError("forecast_days must be at most 3660")
+        if self.duplicate_lookback < dt.timedelta(0):
+            raise ValueError("duplicate_lookback must not be negative")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LiveSession:
+    """A connection open right now, authenticated with certificate ``serial``."""
+
+    tenant: str
+    device_id: str
+    serial: int
+    client_id: str
+    kind: str = "device"
+    remote: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeviceSeen:
+    """When a device was last connected (``None``: never, as far as the registry knows)."""
+
+    device_id: str
+    last_seen: dt.datetime | None
+    live: bool
+    serial: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {"device_id": self.device_id, "last_seen": _iso(self.last_seen), "live": self.live,
+                "serial": None if self.serial is None else f"{self.serial:x}"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FleetHealth:
+    """One tenant's health at ``generated_at``.
+
+    ``counts``: certificates by state (``active`` = valid now, ``expired`` = past ``not_after`` and
+    never revoked, ``revoked``); ``expiring``: current certificates expiring within 7 / 30 / 90
+    days (cumulative); ``overdue``: devices past their renewal moment, not yet expired;
+    ``forecast``: renewals due per UTC day from today, ``forecast_days`` days.
+    """
+
+    tenant: str
+    generated_at: dt.datetime
+    counts: Mapping[str, int]
+    expiring: Mapping[int, int]
+    overdue: int
+    forecast: tuple[tuple[dt.date, int], ...]
+    devices: tuple[DeviceSeen, ...]
+    findings: tuple[Finding, ...]
+
+    def finding_counts(self) -> dict[str, int]:
+        """Findings per check (every check present)."""
+        out = {str(c): 0 for c in Check}
+        for finding in self.findings:
+            out[str(finding.check)] += 1
+        return out
+
+    def to_json(self, *, max_findings_per_check: int | None = None, devices: bool = True) -> dict[str, Any]:
+        """The report as JSON values; with ``max_findings_per_check``, each check's list is cut
+        there (``finding_counts`` keeps the full numbers, ``truncated`` says whether anything was cut)."""
+        kept: list[Finding] = []
+        per: dict[Check, int] = {}
+        for finding in self.findings:
+            per[finding.check] = per.get(finding.check, 0) + 1
+            if max_findings_per_check is None or per[finding.check] <= max_findings_per_check:
+                kept.append(finding)
+        out: dict[str, Any] = {
+            "version": 1,
+            "tenant": self.tenant,
+            "generated_at": _iso(self.generated_at),
+            "generated_at_epoch": int(self.generated_at.timestamp()),
+            "counts": dict(self.counts),
+            "expiring": {f"{days}d": n for days, n in self.expiring.items()},
+            "overdue": self.overdue,
+            "forecast": [{"date": day.isoformat(), "renewals": n} for day, n in self.forecast],
+            "finding_counts": self.finding_counts(),
+            "truncated": len(kept) < len(self.findings),
+            "findings": [f.to_json() for f in kept],
+        }
+        if devices:
+            out["devices"] = [d.to_json() for d in self.devices]
+        return out
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def expiry_buckets(not_afters: Iterable[dt.datetime], now: dt.datetime) -> dict[str, int]:
+    """Count expiry times into disjoint buckets ``expired``, ``7d``, ``30d``, ``90d``, ``later``."""
+    out = {"expired": 0, "7d": 0, "30d": 0, "90d": 0, "later": 0}
+    for not_after in not_afters:
+        left = not_after - now
+        if left <= dt.timedelta(0):
+            out["expired"] += 1
+        elif left <= 7 * _DAY:
+            out["7d"] += 1
+        elif left <= 30 * _DAY:
+            out["30d"] += 1
+        elif left <= 90 * _DAY:
+            out["90d"] += 1
+        else:
+            out["later"] += 1
+    return out
+
+
+def _key_info(record: CertificateRecord, cache: KeyCache) -> tuple[str, int]:
+    known = cache.get(record.spki_sha256)
+    if known is None:
+        try:
+            key = x509.load_der_x509_certificate(record.der).public_key()
+        except ValueError:
+            known = ("unparseable", 0)
+        else:
+            known = (key_type_of(key), key.key_size if isinstance(key, rsa.RSAPublicKey) else 0)
+        cache[record.spki_sha256] = known
+    return known
+
+
+def _profile_policy(policy: TenantPolicy, label: str) -> ProfilePolicy | None:
+    try:
+        return policy.profiles.get(Profile.from_label(label))
+    except ValueError:
+        return None
+
+
+def _renewal_moment(record: CertificateRecord, profile: ProfilePolicy | None) -> dt.datetime | None:
+    if profile is None:
+        return None
+    start, end = profile.renewal_window
+    try:
+        return renewal_time(record.device_id, not_before=record.not_before, not_after=record.not_after,
+                            policy=RenewalPolicy(start=start, end=end))
+    except ValueError:  # a lifetime too short for a window: no moment to speak of
+        return None
+
+
+def _subject(record: CertificateRecord) -> str:
+    return f"{record.tenant}/{record.device_id}/{record.serial:x}"
+
+
+def _days(delta: dt.timedelta) -> float:
+    return round(delta / _DAY, 1)
+
+
+def _current(certificates: Sequence[CertificateRecord]) -> dict[int, CertificateRecord]:
+    newest: dict[tuple[str, str, str], CertificateRecord] = {}
+    for record in certificates:
+        key = (str(record.kind), record.device_id, record.profile)
+        held = newest.get(key)
+        if held is None or (record.issued_at, record.serial) > (held.issued_at, held.serial):
+            newest[key] = record
+    return {r.serial: r for r in newest.values()}
+
+
+# ------------------------------------------------------------------ the assessment
+
+
+def assess(
+    *,
+    tenant: str,
+    now: dt.datetime,
+    policy: TenantPolicy,
+    certificates: Sequence[CertificateRecord],
+    sessions: Sequence[SessionRecord] = (),
+    live: Sequence[LiveSession] | None = None,
+    ca_certificates: Mapping[str, x509.Certificate] | None = None,
+    settings: HealthSettings = HealthSettings(),
+    key_cache: KeyCache | None = None,
+) -> FleetHealth:
+    """The health of ``tenant`` at ``now`` (module docstring).
+
+    ``live`` are the connections open now; ``None`` takes the ``sessions`` rows still marked live.
+    ``ca_certificates`` maps a role (``issuing``, ``root``) to the CA certificate. ``key_cache``
+    keeps parsed keys between calls (the broker passes one; a key is parsed once).
+    """
+    if now.tzinfo is None:
+        raise ValueError("now must be an aware datetime")
+    cache: KeyCache = {} if key_cache is None else key_cache
+    findings: list[Finding] = []
+    mine = [c for c in certificates if c.tenant == tenant]
+    current = _current(mine)
+    counts = {"active": 0, "expired": 0, "revoked": 0}
+    expiring = dict.fromkeys(EXPIRY_HORIZONS, 0)
+    today = now.astimezone(dt.UTC).date()
+    forecast = dict.fromkeys((today + dt.timedelta(days=i) for i in range(settings.forecast_days)), 0)
+    overdue = 0
+    status_of: dict[int, CertificateStatus] = {}
+
+    for record in mine:
+        status_of[record.serial] = record.status
+        if record.status is CertificateStatus.REVOKED:
+            counts["revoked"] += 1
+            continue
+        expired = now >= record.not_after
+        counts["expired" if expired else "active"] += 1
+        findings.extend(_weak_key(record, policy, cache))
+        if record.serial not in current or record.kind is CertificateKind.BOOTSTRAP:
+            continue
+        left = record.not_after - now
+        if not expired:
+            for days in EXPIRY_HORIZONS:
+                if left <= days * _DAY:
+                    expiring[days] += 1
+        if record.kind is CertificateKind.OPERATOR:
+            if not expired and left <= settings.device_expiry_days * _DAY:
+                findings.append(Finding(
+                    check=Check.DEVICE_CERTIFICATE_EXPIRING, severity=Severity.MEDIUM, subject=_subject(record),
+                    text=f"operator certificate of {record.device_id!r} expires in {_days(left)} days "
+                         f"({_iso(record.not_after)}): issue a new one",
+                    details={"kind": str(record.kind), "not_after": _iso(record.not_after)},
+                ))
+            continue
+        moment = _renewal_moment(record, _profile_policy(policy, record.profile))
+        due = moment is None or now >= moment
+        if moment is not None and not expired:
+            if now >= moment:
+                overdue += 1
+            elif moment.date() in forecast:
+                forecast[moment.date()] += 1
+        if not due:
+            continue
+        details = {"profile": record.profile, "not_after": _iso(record.not_after),
+                   "issued_at": _iso(record.issued_at), "renewal_moment": _iso(moment)}
+        if not expired and left <= settings.device_expiry_days * _DAY:
+            findings.append(Finding(
+                check=Check.DEVICE_CERTIFICATE_EXPIRING,
+                severity=Severity.HIGH if left <= 7 * _DAY else Severity.MEDIUM, subject=_subject(record),
+                text=f"device {record.device_id!r}: {record.profile} certificate expires in {_days(left)} days "
+                     f"({_iso(record.not_after)}) and has not been renewed"
+                     + (f" (renewal was due {_iso(moment)})" if moment is not None else ""),
+                details=details,
+            ))
+        since = now - record.issued_at
+        if moment is not None and since > settings.days_without_renewal * _DAY:
+            findings.append(Finding(
+                check=Check.NO_RECENT_RENEWAL, severity=Severity.HIGH if expired else Severity.MEDIUM,
+                subject=_subject(record),
+                text=f"device {record.device_id!r}: no successful {record.profile} renewal for {_days(since)} days "
+                     f"(renewal due since {_iso(moment)}"
+                     + (f"; EXPIRED at {_iso(record.not_after)}" if expired else "")
+                     + "); revoke the certificate if the device is decommissioned",
+                details={**details, "days_since_issuance": _days(since), "expired": expired},
+            ))
+
+    findings.extend(_ca_findings(tenant, now, ca_certificates or {}, settings))
+    live_now = list(live) if live is not None else [
+        LiveSession(tenant=s.tenant, device_id=s.device_id, serial=s.serial, client_id=s.client_id,
+                    kind=s.kind, remote=s.remote)
+        for s in sessions if s.live and s.tenant == tenant
+    ]
+    for session in live_now:
+        if session.tenant == tenant and status_of.get(session.serial) is CertificateStatus.REVOKED:
+            findings.append(Finding(
+                check=Check.REVOKED_STILL_CONNECTED, severity=Severity.CRITICAL,
+                subject=f"{tenant}/{session.device_id}/{session.serial:x}",
+                text=f"{session.kind} {session.device_id!r} is connected (client id {session.client_id!r}"
+                     + (f", from {session.remote}" if session.remote else "")
+                     + f") with revoked certificate {session.serial:x}: the kick failed; close it",
+                details={"client_id": session.client_id, "remote": session.remote},
+            ))
+    since_dup = now - settings.duplicate_lookback
+    for row in sessions:
+        if row.tenant == tenant and row.last_duplicate_at is not None and row.last_duplicate_at >= since_dup:
+            findings.append(Finding(
+                check=Check.CONFLICTING_SESSIONS, severity=Severity.HIGH,
+                subject=f"{tenant}/{row.device_id}/{row.serial:x}",
+                text=f"{row.kind} {row.device_id!r}: certificate {row.serial:x} connected from a second session "
+                     f"while one was live ({row.duplicates} time(s) in all, last at {_iso(row.last_duplicate_at)}"
+                     + (f", from {row.remote}" if row.remote else "")
+                     + "): a cloned credential, or a device reconnecting before its old connection timed out",
+                details={"duplicates": row.duplicates, "last_duplicate_at": _iso(row.last_duplicate_at),
+                         "remote": row.remote},
+            ))
+
+    findings.sort(key=lambda f: (_RANK[f.severity], str(f.check), f.subject))
+    return FleetHealth(
+        tenant=tenant, generated_at=now, counts=counts, expiring=expiring, overdue=overdue,
+        forecast=tuple(sorted(forecast.items())), devices=_last_seen(tenant, mine, current, sessions, live_now),
+        findings=tuple(findings),
+    )
+
+
+def _weak_key(record: CertificateRecord, policy: TenantPolicy, cache: KeyCache) -> list[Finding]:
+    kind, bits = _key_info(record, cache)
+    allowed = policy.key_policy.allowed
+    problem = None
+    severity = Severity.MEDIUM
+    if kind == "rsa" and bits < 2048:
+        problem, severity = f"RSA key of {bits} bits (below 2048)", Severity.HIGH
+    elif kind == "rsa" and bits < policy.key_policy.rsa_min_bits:
+        problem = f"RSA key of {bits} bits, below the policy's minimum of {policy.key_policy.rsa_min_bits}"
+    elif kind not in allowed:
+        problem = f"{kind} key, outside the tenant's key policy (allowed: {', '.join(allowed)})"
+        if kind.startswith("ec:") or kind == "unparseable":
+            severity = Severity.HIGH
+    if problem is None:
+        return []
+    return [Finding(
+        check=Check.WEAK_KEY, severity=severity, subject=_subject(record),
+        text=f"{record.kind} certificate of {record.device_id!r} ({record.profile}) has a {problem}: "
+             "renew it with a new key, or revoke it",
+        details={"key_type": kind, "rsa_bits": bits or None, "issued_at": _iso(record.issued_at)},
+    )]
+
+
+def _ca_findings(tenant: str, now: dt.datetime, cas: Mapping[str, x509.Certificate],
+                 settings: HealthSettings) -> list[Finding]:
+    out = []
+    for role, cert in sorted(cas.items()):
+        not_after = cert.not_valid_after_utc
+        left = not_after - now
+        if left > settings.ca_expiry_days * _DAY:
+            continue
+        state = "EXPIRED" if left <= dt.timedelta(0) else f"expires in {_days(left)} days"
+        out.append(Finding(
+            check=Check.CA_CERTIFICATE_EXPIRING,
+            severity=Severity.CRITICAL if left <= 30 * _DAY else Severity.HIGH, subject=f"{tenant}/ca/{role}",
+            text=f"tenant {tenant!r}'s {role} CA certificate {state} ({_iso(not_after)}): every certificate "
+                 "it signed stops verifying then; roll the CA over",
+            details={"role": role, "not_after": _iso(not_after), "subject_dn": cert.subject.rfc4514_string()},
+        ))
+    return out
+
+
+def _last_seen(tenant: str, certificates: Sequence[CertificateRecord], current: Mapping[int, CertificateRecord],
+               sessions: Sequence[SessionRecord], live: Sequence[LiveSession]) -> tuple[DeviceSeen, ...]:
+    seen: dict[str, tuple[dt.datetime | None, bool, int | None]] = {}
+    for record in certificates:  # every device with a current active certificate, seen or not
+        if (record.serial in current and record.kind in _DEVICE_KINDS
+                and record.status is CertificateStatus.ACTIVE):
+            seen.setdefault(record.device_id, (None, False, None))
+    live_serials = {(s.device_id, s.serial) for s in live if s.tenant == tenant}
+    for row in sessions:
+        if row.tenant != tenant or row.kind != "device":
+            continue
+        last, is_live, serial = seen.get(row.device_id, (None, False, None))
+        row_live = (row.device_id, row.serial) in live_serials
+        if last is None or row.last_seen > last:
+            last, serial = row.last_seen, row.serial
+        seen[row.device_id] = (last, is_live or row_live, serial)
+    ordered = sorted(seen.items(), key=lambda kv: (kv[1][0] is not None, kv[1][0] or _NEVER, kv[0]))
+    return tuple(DeviceSeen(device_id=d, last_seen=v[0], live=v[1], serial=v[2]) for d, v in ordered)
+
+
+async def assess_registry(
+    registry: Any,
+    *,
+    tenant: str,
+    policy: TenantPolicy,
+    now: dt.datetime,
+    ca_certificates: Mapping[str, x509.Certificate] | None = None,
+    live: Sequence[LiveSession] | None = None,
+    settings: HealthSettings = HealthSettings(),
+    key_cache: KeyCache | None = None,
+) -> FleetHealth:
+    """Read ``tenant``'s certificates and sessions from ``registry`` and :func:`assess` them."""
+    certificates = [c async for c in registry.certificates(tenant)]
+    sessions = await registry.sessions(tenant)
+    return assess(tenant=tenant, now=now, policy=policy, certificates=certificates, sessions=sessions, live=live,
+                  ca_certificates=ca_certificates, settings=settings, key_cache=key_cache)
