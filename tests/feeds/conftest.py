@@ -133,6 +133,7 @@ async def start_broker(datadir: Path, **plugin: Any) -> HardenedBroker:
     assert loaded.startup_error is None, loaded.startup_error
     assert loaded.feeds is not None
     loaded.feeds.snapshot_min_interval = 0.05  # tests want the refreshed snapshot soon
+    loaded.feeds.snapshot_cost_factor = 0.0
     return broker
 
 
