@@ -51,6 +51,7 @@ from broker_plugin.ca.pool import ProcessPoolSigner  # noqa: E402
 from broker_plugin.ca.service import CAService  # noqa: E402
 from broker_plugin.ca.signing import InlineSigner, SignJob, TenantAuthority  # noqa: E402
 from broker_plugin.store.base import CertificateKind, open_registry  # noqa: E402
+from protocol import extensions  # noqa: E402
 from protocol.codec import decode, encode  # noqa: E402
 from protocol.codes import Profile  # noqa: E402
 from protocol.messages import CertificateIssued, CertificateRequest, ProvisioningParameters  # noqa: E402
@@ -76,30 +77,64 @@ def make_csrs(n: int) -> list[tuple[str, bytes]]:
 
 
 def raw_rate(authority: TenantAuthority, csrs: list[tuple[str, bytes]]) -> float:
-    """(a) load + verify + build + sign with cryptography alone."""
+    """(a) load + verify + build + sign with cryptography alone: the same certificate certmq issues.
+
+    Same subject (O=tenant, CN=device), issuer, validity (the identity profile's lifetime),
+    159-bit serial, and the same extensions in the same order: basicConstraints, keyUsage, SKI,
+    AKI, SAN URI, EKU, CRL distribution point (when the tenant publishes CRLs), certmq's
+    status-position extension (and the capabilities / region extensions when the tenant's
+    policy gives any). Built the ordinary way (``CertificateBuilder`` setters), constant
+    extension values made once outside the loop. No registry, no policy checks, no identity
+    check beyond what building the certificate needs.
+    """
     key: Any = authority.key
     ca = authority.issuing
+    policy = authority.policy
+    profile = policy.profile(Profile.IDENTITY)
     ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
     ku = x509.KeyUsage(True, False, False, False, False, False, False, False, False)
     eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
+    region = policy.default_region
+    crl_url = policy.crl_url_for(region)
+    crl_dp = None if crl_url is None else x509.CRLDistributionPoints([x509.DistributionPoint(
+        full_name=[x509.UniformResourceIdentifier(crl_url)], relative_name=None, reasons=None, crl_issuer=None)])
+    caps = None if not profile.capabilities else x509.UnrecognizedExtension(
+        x509.ObjectIdentifier(extensions.CAPABILITIES_OID), extensions.encode_capabilities(tuple(profile.capabilities)))
+    region_ext = None if region is None else x509.UnrecognizedExtension(
+        x509.ObjectIdentifier(extensions.REGION_OID), extensions.encode_region(region))
+    status_oid = x509.ObjectIdentifier(extensions.STATUS_POSITION_OID)
+    end = min(NOW + profile.lifetime, ca.not_valid_after_utc)
     start = time.perf_counter()
-    for device, der in csrs:
+    for index, (device, der) in enumerate(csrs):
         csr = x509.load_der_x509_csr(der)
         if not csr.is_signature_valid:
             raise SystemExit("raw: CSR signature invalid")
         public = csr.public_key()
-        (x509.CertificateBuilder()
-         .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "acme"),
-                                  x509.NameAttribute(NameOID.COMMON_NAME, device)]))
-         .issuer_name(ca.subject).public_key(public).serial_number(x509.random_serial_number())
-         .not_valid_before(NOW).not_valid_after(NOW + dt.timedelta(days=90))
-         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-         .add_extension(ku, critical=True).add_extension(eku, critical=False)
-         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)  # type: ignore[arg-type]
-         .add_extension(aki, critical=False)
-         .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"urn:certmq:acme:{device}")]), critical=False)
-         .sign(key, hashes.SHA256()))
+        serial = (int.from_bytes(os.urandom(20), "big") >> 2) | (1 << 158)  # 159 bits, like random_serial
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, policy.name),
+                                     x509.NameAttribute(NameOID.COMMON_NAME, device)]))
+            .issuer_name(ca.subject).public_key(public).serial_number(serial)
+            .not_valid_before(NOW).not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(ku, critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)  # type: ignore[arg-type]
+            .add_extension(aki, critical=False)
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(f"urn:certmq:{policy.name}:{device}")]), critical=False)
+            .add_extension(eku, critical=False)
+        )
+        if crl_dp is not None:
+            builder = builder.add_extension(crl_dp, critical=False)
+        builder = builder.add_extension(x509.UnrecognizedExtension(
+            status_oid, extensions.encode_status_position(1, index)), critical=False)
+        if caps is not None:
+            builder = builder.add_extension(caps, critical=False)
+        if region_ext is not None:
+            builder = builder.add_extension(region_ext, critical=False)
+        builder.sign(key, hashes.SHA256())
     return len(csrs) / (time.perf_counter() - start)
 
 

@@ -25,6 +25,8 @@ or read the clock: the caller passes them in.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from urllib.parse import quote
@@ -39,7 +41,7 @@ from protocol import extensions
 from protocol.codes import ErrorCode, Profile
 from protocol.topics import validate_identifier
 
-from .policy import PolicyRefusal, TenantPolicy
+from .policy import PolicyRefusal, ProfilePolicy, TenantPolicy
 
 __all__ = [
     "MAX_CSR_BYTES",
@@ -49,7 +51,9 @@ __all__ = [
     "device_urn",
     "load_csr",
     "random_serial",
+    "plainly_names",
     "signature_hash",
+    "verified_public_key",
     "verify_csr",
 ]
 
@@ -116,8 +120,13 @@ def verify_csr(csr: x509.CertificateSigningRequest) -> None:
     Raises ``PolicyRefusal(BAD_CSR)`` otherwise, and ``PolicyRefusal(KEY_REJECTED)``
     for a key cryptography cannot even load.
     """
+    verified_public_key(csr)
+
+
+def verified_public_key(csr: x509.CertificateSigningRequest) -> object:
+    """:func:`verify_csr`, returning the CSR's public key (loaded once, for the caller to certify)."""
     try:
-        csr.public_key()
+        public_key: object = csr.public_key()
     except (UnsupportedAlgorithm, ValueError) as exc:
         raise PolicyRefusal(ErrorCode.KEY_REJECTED, f"unsupported public key in CSR: {exc}") from None
     try:
@@ -126,6 +135,47 @@ def verify_csr(csr: x509.CertificateSigningRequest) -> None:
         raise PolicyRefusal(ErrorCode.BAD_CSR, f"CSR signature cannot be checked: {exc}") from None
     if not valid:
         raise PolicyRefusal(ErrorCode.BAD_CSR, "CSR signature does not verify with its public key (no proof of possession)")
+    return public_key
+
+
+# PKCS#9 extensionRequest and Microsoft's variant, DER-encoded OIDs: the attributes cryptography
+# reads a CSR's extensions from. A CSR whose signed part contains neither has no subjectAltName.
+_EXTENSION_REQUEST_OIDS = (bytes.fromhex("06092a864886f70d01090e"), bytes.fromhex("060a2b06010401823702010e"))
+
+
+def _cn_name_der(device_id: str, string_tag: int) -> bytes | None:
+    value = device_id.encode("utf-8")
+    if len(value) > 64:
+        return None
+    atv = b"\x06\x03\x55\x04\x03" + bytes((string_tag, len(value))) + value
+    rdn = b"\x30" + bytes((len(atv),)) + atv
+    name = b"\x31" + bytes((len(rdn),)) + rdn
+    return b"\x30" + bytes((len(name),)) + name
+
+
+def plainly_names(csr: x509.CertificateSigningRequest, device_id: str) -> bool:
+    """True when the CSR's subject is exactly ``CN=<device_id>`` (UTF8String or PrintableString)
+    or empty, and it carries no extension request: then :func:`check_csr_identity` has nothing
+    to refuse. Looks at the signed bytes only, without building name objects; False means
+    "ask :func:`check_csr_identity`", never "refuse"."""
+    tbs = csr.tbs_certrequest_bytes
+    if len(tbs) < 5 or tbs[0] != 0x30:
+        return False
+    first = tbs[1]
+    offset = 2 if first < 0x80 else 2 + (first & 0x7F)
+    if tbs[offset:offset + 3] != b"\x02\x01\x00":  # version 1
+        return False
+    offset += 3
+    for marker in _EXTENSION_REQUEST_OIDS:
+        if marker in tbs:
+            return False
+    if tbs[offset:offset + 2] == b"\x30\x00":
+        return True
+    for tag in (0x0C, 0x13):  # UTF8String, PrintableString
+        expected = _cn_name_der(device_id, tag)
+        if expected is not None and tbs.startswith(expected, offset):
+            return True
+    return False
 
 
 def check_csr_identity(csr: x509.CertificateSigningRequest, device_id: str, *, tenant: str | None = None) -> None:
@@ -167,6 +217,18 @@ def _urn_names(uri: str, device_id: str, tenant: str | None) -> bool:
 
 # -- issuing ----------------------------------------------------------------------------
 
+# ASCII identifiers that protocol.topics.validate_identifier always accepts (no wildcard,
+# separator, control, '$' start or space; at most 64 bytes): the common case skips its
+# per-character Unicode walk. Anything else still goes through validate_identifier.
+_PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~-]{0,63}")
+# Unreserved URI characters only: quote() leaves such a device id unchanged.
+_NOT_BEFORE_FLOOR = datetime(1950, 1, 1)
+
+
+def _check_identifier(value: str, what: str) -> None:
+    if type(value) is not str or _PLAIN_ID.fullmatch(value) is None:
+        validate_identifier(value, what=what)
+
 
 def _as_utc(when: datetime, what: str) -> datetime:
     if when.tzinfo is None or when.utcoffset() is None:
@@ -174,13 +236,41 @@ def _as_utc(when: datetime, what: str) -> datetime:
     return when.astimezone(timezone.utc)
 
 
-def _same_key(a: object, b: object) -> bool:
-    def spki(key: object) -> bytes:
-        return key.public_bytes(  # type: ignore[attr-defined,no-any-return]
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+def _spki_der(key: object) -> bytes:
+    return key.public_bytes(  # type: ignore[attr-defined,no-any-return]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
-    return spki(a) == spki(b)
+
+def _same_key(a: object, b: object) -> bool:
+    return _spki_der(a) == _spki_der(b)
+
+
+def _spki_and_ski(public_key: object) -> tuple[bytes, x509.SubjectKeyIdentifier]:
+    """The DER SubjectPublicKeyInfo and the RFC 5280 (method 1) key identifier, as
+    ``SubjectKeyIdentifier.from_public_key`` computes it, from one serialisation."""
+    spki = _spki_der(public_key)
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        # An EC SPKI ends with BIT STRING(0 unused bits || uncompressed point): that point is
+        # exactly what from_public_key hashes (it re-serialises the key as X9.62 uncompressed).
+        size = 1 + 2 * ((public_key.curve.key_size + 7) // 8)
+        if len(spki) > size + 1 and spki[-size] == 0x04 and spki[-size - 1] == 0x00:
+            return spki, x509.SubjectKeyIdentifier(hashlib.sha1(spki[-size:]).digest())
+    return spki, x509.SubjectKeyIdentifier.from_public_key(public_key)  # type: ignore[arg-type]
+
+
+def _key_class(public_key: object) -> object | None:
+    """What the key policy and keyUsage of a key depend on, when that is its type alone
+    (EC: type and curve); None (never cached) for RSA, whose size and exponent matter."""
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return ("ec", public_key.curve.name)
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return None
+    return type(public_key)
+
+
+def _ext(value: x509.ExtensionType, critical: bool) -> x509.Extension[x509.ExtensionType]:
+    return x509.Extension(value.oid, critical, value)
 
 
 class Issuer:
@@ -191,6 +281,10 @@ class Issuer:
     given, is put in every certificate's CRL distribution point; otherwise the
     tenant policy's :meth:`~.policy.TenantPolicy.crl_url_for` the certificate's
     region is used (none if the tenant has no ``crl_url``).
+
+    Everything that is the same for every certificate of the tenant (issuer name, AKI,
+    basicConstraints, the keyUsage / EKU of a profile for a kind of key, CRL distribution
+    points, region extensions) is built once and reused: the policy is immutable.
     """
 
     def __init__(
@@ -220,6 +314,19 @@ class Issuer:
             self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
         except x509.ExtensionNotFound:
             self._aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_certificate.public_key())  # type: ignore[arg-type]
+        self._issuer_name = ca_certificate.subject
+        self._ca_end = ca_certificate.not_valid_after_utc
+        self._organization = x509.NameAttribute(NameOID.ORGANIZATION_NAME, tenant_policy.name)
+        self._urn_prefix = f"urn:certmq:{quote(tenant_policy.name, safe='')}:"
+        self._basic = _ext(x509.BasicConstraints(ca=False, path_length=None), True)
+        self._aki_ext = _ext(self._aki, False)
+        # (profile, key class) -> (profile policy, keyUsage ext, EKU ext or None): only accepted keys.
+        self._profiles: dict[tuple[Profile, object], tuple[ProfilePolicy, x509.Extension[x509.ExtensionType],
+                                                            x509.Extension[x509.ExtensionType] | None]] = {}
+        # region (None: no region) -> (region ext or None, CRL DP ext or None)
+        self._regions: dict[str | None, tuple[x509.Extension[x509.ExtensionType] | None,
+                                              x509.Extension[x509.ExtensionType] | None]] = {}
+        self._capabilities: dict[tuple[str, ...], x509.Extension[x509.ExtensionType]] = {}
 
     @property
     def ca_certificate(self) -> x509.Certificate:
@@ -233,9 +340,56 @@ class Issuer:
 
     def check_request(self, *, profile: Profile, public_key: object) -> None:
         """Refuse (``PolicyRefusal``) what :meth:`issue` would refuse, without signing anything."""
+        self._profile_parts(profile, public_key)
+
+    def _profile_parts(
+        self, profile: Profile, public_key: object
+    ) -> tuple[ProfilePolicy, x509.Extension[x509.ExtensionType], x509.Extension[x509.ExtensionType] | None]:
+        key_class = _key_class(public_key)
+        if key_class is not None:
+            cached = self._profiles.get((profile, key_class))
+            if cached is not None:
+                return cached
         profile_policy = self._policy.profile(profile)
         self._policy.key_policy.check(public_key)
-        profile_policy.key_usage(profile, public_key)
+        key_usage = _ext(profile_policy.key_usage(profile, public_key), True)
+        ekus = profile_policy.extended_key_usages(profile)
+        eku = _ext(x509.ExtendedKeyUsage(list(ekus)), False) if ekus else None
+        parts = (profile_policy, key_usage, eku)
+        if key_class is not None:
+            self._profiles[(profile, key_class)] = parts
+        return parts
+
+    def _region_parts(
+        self, region: str | None
+    ) -> tuple[x509.Extension[x509.ExtensionType] | None, x509.Extension[x509.ExtensionType] | None]:
+        cached = self._regions.get(region)
+        if cached is not None:
+            return cached
+        region_ext = None
+        if region is not None:
+            validate_identifier(region, what="region")
+            region_ext = _ext(_custom(extensions.REGION_OID, extensions.encode_region(region)), False)
+        crl_url = self._crl_url if self._crl_url is not None else self._policy.crl_url_for(region)
+        crl_ext = None
+        if crl_url is not None:
+            point = x509.DistributionPoint(
+                full_name=[x509.UniformResourceIdentifier(crl_url)], relative_name=None, reasons=None, crl_issuer=None
+            )
+            crl_ext = _ext(x509.CRLDistributionPoints([point]), False)
+        if len(self._regions) >= 4096:  # regions are few; a caller inventing them must not grow this forever
+            self._regions.clear()
+        self._regions[region] = (region_ext, crl_ext)
+        return region_ext, crl_ext
+
+    def _capabilities_ext(self, capabilities: tuple[str, ...]) -> x509.Extension[x509.ExtensionType]:
+        cached = self._capabilities.get(capabilities)
+        if cached is None:
+            cached = _ext(_custom(extensions.CAPABILITIES_OID, extensions.encode_capabilities(capabilities)), False)
+            if len(self._capabilities) >= 1024:
+                self._capabilities.clear()
+            self._capabilities[capabilities] = cached
+        return cached
 
     def issue(
         self,
@@ -260,80 +414,84 @@ class Issuer:
         ``protocol.errors.InvalidIdentifier`` for caller mistakes (bad serial,
         naive datetime, an identifier unusable in a topic, an expired CA).
         """
-        profile_policy = self._policy.profile(profile)
-        self._policy.key_policy.check(public_key)
-        key_usage = profile_policy.key_usage(profile, public_key)
-        validate_identifier(device_id, what="device id")
+        return self.issue_with_spki(
+            device_id=device_id, profile=profile, public_key=public_key, serial=serial, not_before=not_before,
+            status_position=status_position, region=region, capabilities=capabilities,
+        )[0]
+
+    def issue_with_spki(
+        self,
+        *,
+        device_id: str,
+        profile: Profile,
+        public_key: object,
+        serial: int,
+        not_before: datetime,
+        status_position: tuple[int, int] | None,
+        region: str | None,
+        capabilities: tuple[str, ...] | None,
+    ) -> tuple[x509.Certificate, bytes]:
+        """:meth:`issue`, also returning the DER SubjectPublicKeyInfo of ``public_key`` (serialised
+        once for the SKI; the registry hashes it)."""
+        profile_policy, key_usage, eku = self._profile_parts(profile, public_key)
+        _check_identifier(device_id, "device id")
         if len(device_id) > 64:  # ub-common-name (RFC 5280 appendix A)
             raise ValueError(f"device id of {len(device_id)} characters is longer than a commonName may be (64)")
         if isinstance(serial, bool) or not isinstance(serial, int) or not 0 < serial < 2**159:
             raise ValueError("serial must be a positive int of at most 159 bits (see random_serial)")
 
         start = _as_utc(not_before, "not_before")
-        ca_end = self._ca_certificate.not_valid_after_utc
-        end = min(start + profile_policy.lifetime, ca_end)
+        end = min(start + profile_policy.lifetime, self._ca_end)
         if end <= start:
-            raise ValueError(f"the issuing CA expires at {ca_end.isoformat()}, not after not_before")
+            raise ValueError(f"the issuing CA expires at {self._ca_end.isoformat()}, not after not_before")
+        naive_start = start.replace(tzinfo=None)
+        if naive_start < _NOT_BEFORE_FLOOR:
+            raise ValueError("The not valid before date must be on or after 1950 January 1.")
 
         if region is None:
             region = self._policy.default_region
         if capabilities is None:
             capabilities = profile_policy.capabilities
-        crl_url = self._crl_url if self._crl_url is not None else self._policy.crl_url_for(region)
+        region_ext, crl_ext = self._region_parts(region)
 
-        tenant = self._policy.name
-        subject = x509.Name(
-            [
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, tenant),
-                x509.NameAttribute(NameOID.COMMON_NAME, device_id),
-            ]
-        )
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(self._ca_certificate.subject)
-            .public_key(public_key)  # type: ignore[arg-type]
-            .serial_number(serial)
-            .not_valid_before(start)
-            .not_valid_after(end)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(key_usage, critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)  # type: ignore[arg-type]
-            .add_extension(self._aki, critical=False)
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(device_urn(tenant, device_id))]),
-                critical=False,
-            )
-        )
-        ekus = profile_policy.extended_key_usages(profile)
-        if ekus:
-            builder = builder.add_extension(x509.ExtendedKeyUsage(list(ekus)), critical=False)
-        if crl_url is not None:
-            point = x509.DistributionPoint(
-                full_name=[x509.UniformResourceIdentifier(crl_url)], relative_name=None, reasons=None, crl_issuer=None
-            )
-            builder = builder.add_extension(x509.CRLDistributionPoints([point]), critical=False)
+        spki, ski = _spki_and_ski(public_key)
+        urn = (self._urn_prefix + device_id if _PLAIN_ID.fullmatch(device_id)
+               else device_urn(self._policy.name, device_id))
+        exts = [
+            self._basic,
+            key_usage,
+            _ext(ski, False),
+            self._aki_ext,
+            _ext(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(urn)]), False),
+        ]
+        if eku is not None:
+            exts.append(eku)
+        if crl_ext is not None:
+            exts.append(crl_ext)
         if status_position is not None:
             list_id, index = status_position
             if index >= self._policy.status_list_capacity:
                 raise ValueError(
                     f"status index {index} is outside the list capacity {self._policy.status_list_capacity}"
                 )
-            builder = builder.add_extension(
-                _custom(extensions.STATUS_POSITION_OID, extensions.encode_status_position(list_id, index)),
-                critical=False,
-            )
+            exts.append(_ext(_custom(extensions.STATUS_POSITION_OID,
+                                     extensions.encode_status_position(list_id, index)), False))
         if capabilities:
-            builder = builder.add_extension(
-                _custom(extensions.CAPABILITIES_OID, extensions.encode_capabilities(tuple(capabilities))),
-                critical=False,
-            )
-        if region is not None:
-            validate_identifier(region, what="region")
-            builder = builder.add_extension(
-                _custom(extensions.REGION_OID, extensions.encode_region(region)), critical=False
-            )
-        return builder.sign(self._ca_key, self._hash)  # type: ignore[arg-type]
+            exts.append(self._capabilities_ext(tuple(capabilities)))
+        if region_ext is not None:
+            exts.append(region_ext)
+        # The builder's setters would re-check what is checked above (and add_extension scans for
+        # duplicates on every call); the constructor takes the finished parts.
+        builder = x509.CertificateBuilder(
+            issuer_name=self._issuer_name,
+            subject_name=x509.Name([self._organization, x509.NameAttribute(NameOID.COMMON_NAME, device_id)]),
+            public_key=public_key,  # type: ignore[arg-type]
+            serial_number=serial,
+            not_valid_before=naive_start,
+            not_valid_after=end.replace(tzinfo=None),
+            extensions=exts,
+        )
+        return builder.sign(self._ca_key, self._hash), spki  # type: ignore[arg-type]
 
 
 def _custom(oid: str, der: bytes) -> x509.UnrecognizedExtension:

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 
 from protocol.codes import ErrorCode, Profile
 
-from .issuer import Issuer, check_csr_identity, load_csr, verify_csr
+from .issuer import Issuer, check_csr_identity, load_csr, plainly_names, verified_public_key
 from .policy import PolicyRefusal, TenantPolicy
 
 __all__ = [
@@ -114,16 +114,16 @@ def run_job(issuer: Issuer, job: SignJob) -> SignResult:
     try:
         if job.csr_der is not None:
             csr = load_csr(job.csr_der)
-            verify_csr(csr)
-            check_csr_identity(csr, job.device_id, tenant=job.tenant)
-            public_key: object = csr.public_key()
+            public_key = verified_public_key(csr)
+            if not plainly_names(csr, job.device_id):
+                check_csr_identity(csr, job.device_id, tenant=job.tenant)
         else:
             assert job.public_key_der is not None
             try:
                 public_key = serialization.load_der_public_key(job.public_key_der)
             except ValueError as exc:
                 raise PolicyRefusal(ErrorCode.KEY_REJECTED, f"unreadable public key: {exc}") from None
-        cert = issuer.issue(
+        cert, spki = issuer.issue_with_spki(
             device_id=job.device_id,
             profile=job.profile,
             public_key=public_key,
@@ -135,7 +135,7 @@ def run_job(issuer: Issuer, job: SignJob) -> SignResult:
         )
     except PolicyRefusal as refusal:
         return SignResult(refusal_code=refusal.code, refusal_text=refusal.text)
-    return SignResult(der=cert.public_bytes(serialization.Encoding.DER), spki_sha256=spki_sha256(public_key))
+    return SignResult(der=cert.public_bytes(serialization.Encoding.DER), spki_sha256=hashlib.sha256(spki).digest())
 
 
 class SigningBackend(Protocol):
