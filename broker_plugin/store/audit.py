@@ -26,6 +26,7 @@ __all__ = [
     "AuditKind",
     "VerifyResult",
     "canonical_json",
+    "seal_with_text",
     "entry_hash",
     "export_jsonl",
     "seal",
@@ -174,22 +175,51 @@ def seal(event: AuditEvent, *, seq: int, prev_hash: bytes) -> AuditEntry:
 
     Details are normalised through canonical JSON first, so what is stored is exactly what was hashed.
     """
+    return seal_with_text(event, seq=seq, prev_hash=prev_hash)[0]
+
+
+def _str_keys_only(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(type(k) is str and _str_keys_only(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_str_keys_only(v) for v in value)
+    return True
+
+
+def seal_with_text(event: AuditEvent, *, seq: int, prev_hash: bytes) -> tuple[AuditEntry, str]:
+    """:func:`seal`, also returning ``canonical_json(entry.details)``: the text a registry stores."""
     if len(prev_hash) != 32:
         raise ValueError("prev_hash must be 32 bytes")
-    details = json.loads(canonical_json(dict(event.details)))
+    raw = dict(event.details)
+    text = canonical_json(raw)
+    details = json.loads(text)
     epoch = int(event.time.timestamp())
-    draft = AuditEntry(
+    kind = str(event.kind)
+    if _str_keys_only(raw) and type(seq) is int:
+        # With string keys only, canonical JSON is a fixed point (re-encoding the parsed text gives
+        # the text back), so the hashed body can be put together around it instead of encoding the
+        # details twice more. Non-string keys (JSON turns 10 and 2 into "10" < "2") take the long way.
+        def string(value: str | None) -> str:
+            return "null" if value is None else json.dumps(value, ensure_ascii=False)
+
+        body = (f'{{"actor":{string(event.actor)},"details":{text},"kind":{string(kind)},"seq":{seq},'
+                f'"subject":{string(event.subject)},"tenant":{string(event.tenant)},"time":{epoch}}}')
+    else:
+        text = canonical_json(details)
+        body = _hashed_fields(seq=seq, epoch=epoch, tenant=event.tenant, kind=kind, actor=event.actor,
+                              subject=event.subject, details=details)
+    entry = AuditEntry(
         seq=seq,
         time=dt.datetime.fromtimestamp(epoch, dt.UTC),
         tenant=event.tenant,
-        kind=str(event.kind),
+        kind=kind,
         actor=event.actor,
         subject=event.subject,
         details=details,
         prev_hash=prev_hash,
-        hash=b"",
+        hash=hashlib.sha256(prev_hash + body.encode()).digest(),
     )
-    return AuditEntry(**{**draft.__dict__, "hash": entry_hash(draft)})
+    return entry, text
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -540,12 +540,12 @@ class Registry(abc.ABC):
         head = await tx.fetchrow("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
         if head is None:
             raise RegistryError("audit head row missing: database not initialised by certmq")
-        entry = _audit.seal(event, seq=int(head["seq"]) + 1, prev_hash=bytes(head["hash"]))
+        entry, text = _audit.seal_with_text(event, seq=int(head["seq"]) + 1, prev_hash=bytes(head["hash"]))
         await tx.execute(
             "INSERT INTO audit_log (seq, time, tenant, kind, actor, subject, details, prev_hash, hash) "
             "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             entry.seq, to_epoch(entry.time), entry.tenant, entry.kind, entry.actor, entry.subject,
-            _audit.canonical_json(entry.details), entry.prev_hash, entry.hash,
+            text, entry.prev_hash, entry.hash,
         )
         await tx.execute("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1", entry.seq, entry.hash)
         return entry
@@ -785,14 +785,16 @@ class Registry(abc.ABC):
             raise RegistryError("audit head row missing: database not initialised by certmq")
         seq, prev = int(head["seq"]), bytes(head["hash"])
         entries = []
+        texts = []
         for event in events:
-            entry = _audit.seal(event, seq=seq + 1, prev_hash=prev)
+            entry, text = _audit.seal_with_text(event, seq=seq + 1, prev_hash=prev)
             entries.append(entry)
+            texts.append(text)
             seq, prev = entry.seq, entry.hash
         await self._insert_rows(
             tx, "audit_log", "seq, time, tenant, kind, actor, subject, details, prev_hash, hash",
-            [(e.seq, to_epoch(e.time), e.tenant, e.kind, e.actor, e.subject, _audit.canonical_json(e.details),
-              e.prev_hash, e.hash) for e in entries],
+            [(e.seq, to_epoch(e.time), e.tenant, e.kind, e.actor, e.subject, text,
+              e.prev_hash, e.hash) for e, text in zip(entries, texts)],
             "seq",
         )
         await tx.execute("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1", seq, prev)
