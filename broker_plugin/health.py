@@ -29,17 +29,29 @@ subject and text):
     within the last ``duplicate_lookback``.
 
 A device's *current* certificate is its newest (by issuance) of a kind and profile; an older one
-still valid after a renewal is superseded and is not expected to renew. This module knows the
-registry's value types, the policy and the renewal arithmetic; it knows nothing of MQTT, SQL or
-the clock.
+still valid after a renewal is superseded and is not expected to renew.
+
+:class:`FleetMonitor` is the broker side: it is told of every connect, disconnect and duplicate
+session, keeps them in memory and writes them to the registry in one batch per ``flush`` period
+(a connection storm costs one transaction a second), and every ``interval`` seconds (and on
+demand, :meth:`FleetMonitor.run`) assesses each tenant, stores the report in the registry (what
+``certmq status`` shows as the broker's view) and hands its JSON to a publish callback (the
+plugin sends it retained on ``certmq/v1/{tenant}/ops/findings``).
+
+The checks know the registry's value types, the policy and the renewal arithmetic, nothing of
+MQTT, SQL or the clock; the monitor knows asyncio and the registry interface, not amqtt.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import enum
-from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from cryptography import x509
@@ -49,7 +61,7 @@ from protocol.codes import Profile
 from protocol.renewal import RenewalPolicy, renewal_time
 
 from .ca.policy import ProfilePolicy, TenantPolicy, key_type_of
-from .store.base import CertificateKind, CertificateRecord, CertificateStatus, SessionRecord
+from .store.base import CertificateKind, CertificateRecord, CertificateStatus, SessionRecord, SessionUpdate
 
 __all__ = [
     "EXPIRY_HORIZONS",
@@ -57,6 +69,7 @@ __all__ = [
     "DeviceSeen",
     "FleetHealth",
     "Finding",
+    "FleetMonitor",
     "HealthSettings",
     "KeyCache",
     "LiveSession",
@@ -71,6 +84,10 @@ EXPIRY_HORIZONS = (7, 30, 90)
 _DEVICE_KINDS = (CertificateKind.OPERATIONAL, CertificateKind.FACTORY)
 _DAY = dt.timedelta(days=1)
 _NEVER = dt.datetime.min.replace(tzinfo=dt.UTC)
+#: Findings per check in a published report (the counts stay whole): an MQTT message stays small.
+MAX_PUBLISHED_PER_CHECK = 200
+
+log = logging.getLogger(__name__)
 
 KeyCache = MutableMapping[bytes, tuple[str, int]]
 """spki_sha256 -> (key type as the policy names it, RSA bits or 0): keys parsed once per process."""
@@ -174,7 +191,8 @@ class FleetHealth:
     ``counts``: certificates by state (``active`` = valid now, ``expired`` = past ``not_after`` and
     never revoked, ``revoked``); ``expiring``: current certificates expiring within 7 / 30 / 90
     days (cumulative); ``overdue``: devices past their renewal moment, not yet expired;
-    ``forecast``: renewals due per UTC day from today, ``forecast_days`` days.
+    ``forecast``: renewals due per UTC day from today, ``forecast_days`` days; ``buckets``: every
+    unrevoked certificate (superseded ones too) by time left, :func:`expiry_buckets`.
     """
 
     tenant: str
@@ -185,6 +203,7 @@ class FleetHealth:
     forecast: tuple[tuple[dt.date, int], ...]
     devices: tuple[DeviceSeen, ...]
     findings: tuple[Finding, ...]
+    buckets: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     def finding_counts(self) -> dict[str, int]:
         """Findings per check (every check present)."""
@@ -210,6 +229,7 @@ class FleetHealth:
             "counts": dict(self.counts),
             "expiring": {f"{days}d": n for days, n in self.expiring.items()},
             "overdue": self.overdue,
+            "expiry_buckets": dict(self.buckets),
             "forecast": [{"date": day.isoformat(), "renewals": n} for day, n in self.forecast],
             "finding_counts": self.finding_counts(),
             "truncated": len(kept) < len(self.findings),
@@ -415,6 +435,7 @@ def assess(
         tenant=tenant, generated_at=now, counts=counts, expiring=expiring, overdue=overdue,
         forecast=tuple(sorted(forecast.items())), devices=_last_seen(tenant, mine, current, sessions, live_now),
         findings=tuple(findings),
+        buckets=expiry_buckets((c.not_after for c in mine if c.status is CertificateStatus.ACTIVE), now),
     )
 
 
@@ -496,3 +517,188 @@ async def assess_registry(
     sessions = await registry.sessions(tenant)
     return assess(tenant=tenant, now=now, policy=policy, certificates=certificates, sessions=sessions, live=live,
                   ca_certificates=ca_certificates, settings=settings, key_cache=key_cache)
+
+
+# ------------------------------------------------------------------ the broker side
+
+
+Publish = Callable[[str, bytes], Awaitable[None]]
+"""``publish(tenant, json_bytes)``: send one tenant's report (the plugin: retained on ops/findings)."""
+
+
+class FleetMonitor:
+    """Session bookkeeping and periodic health reports of one broker node (module docstring).
+
+    ``policies`` / ``ca_certificates`` are per tenant; ``live()`` lists the connections open now
+    (the broker's own view, used for ``revoked-still-connected``); ``on_report`` gets each fresh
+    :class:`FleetHealth` (metrics). ``interval`` <= 0: no periodic run (``run`` still works).
+    """
+
+    def __init__(
+        self,
+        *,
+        registry: Any,
+        policies: Mapping[str, TenantPolicy],
+        ca_certificates: Mapping[str, Mapping[str, x509.Certificate]],
+        node: str,
+        clock: Callable[[], dt.datetime],
+        publish: Publish | None = None,
+        live: Callable[[], Sequence[LiveSession]] | None = None,
+        on_report: Callable[[FleetHealth], None] | None = None,
+        settings: HealthSettings = HealthSettings(),
+        interval: float = 60.0,
+        flush: float = 1.0,
+    ) -> None:
+        if not node:
+            raise ValueError("node must be a non-empty name")
+        if flush <= 0:
+            raise ValueError("flush must be > 0 seconds")
+        self._registry = registry
+        self._policies = dict(policies)
+        self._cas = {t: dict(c) for t, c in ca_certificates.items()}
+        self.node = node
+        self._clock = clock
+        self._publish = publish
+        self._live_view = live
+        self._on_report = on_report
+        self.settings = settings
+        self.interval = interval
+        self._flush_every = flush
+        self._pending: dict[tuple[str, str, int], SessionUpdate] = {}
+        self._live: dict[str, tuple[str, str, int, str, str | None]] = {}  # client id -> tenant, device, serial, kind, remote
+        self._live_serials: dict[tuple[str, int], int] = {}
+        self._keys: KeyCache = {}
+        self._lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.reports: dict[str, FleetHealth] = {}
+
+    # -- events (synchronous, O(1): called from the broker's hooks)
+
+    def _update(self, tenant: str, device_id: str, serial: int, kind: str, client_id: str, at: dt.datetime,
+                **changes: Any) -> None:
+        key = (tenant, device_id, serial)
+        held = self._pending.get(key)
+        base = held or SessionUpdate(tenant=tenant, device_id=device_id, serial=serial, kind=kind,
+                                     client_id=client_id, node=self.node, last_seen=at)
+        connects = base.connects + changes.pop("connects", 0)
+        duplicates = base.duplicates + changes.pop("duplicates", 0)
+        self._pending[key] = dataclasses.replace(base, client_id=client_id, last_seen=max(base.last_seen, at),
+                                                 connects=connects, duplicates=duplicates, **changes)
+
+    def is_live(self, tenant: str, serial: int) -> bool:
+        """Is a session authenticated with this certificate open now (as far as the events told)?"""
+        return self._live_serials.get((tenant, serial), 0) > 0
+
+    def connected(self, *, tenant: str, device_id: str, serial: int, kind: str, client_id: str,
+                  remote: str | None, at: dt.datetime) -> None:
+        """A session opened."""
+        old = self._live.pop(client_id, None)
+        if old is not None:  # its disconnect never came: count it closed
+            self._drop_serial(old[0], old[2])
+        self._live[client_id] = (tenant, device_id, serial, kind, remote)
+        self._live_serials[(tenant, serial)] = self._live_serials.get((tenant, serial), 0) + 1
+        self._update(tenant, device_id, serial, kind, client_id, at, connects=1, connected_at=at,
+                     disconnected_at=None, remote=remote)
+
+    def _drop_serial(self, tenant: str, serial: int) -> None:
+        left = self._live_serials.get((tenant, serial), 0) - 1
+        if left > 0:
+            self._live_serials[(tenant, serial)] = left
+        else:
+            self._live_serials.pop((tenant, serial), None)
+
+    def disconnected(self, *, client_id: str, at: dt.datetime) -> None:
+        """The session of ``client_id`` closed (unknown client ids are ignored)."""
+        held = self._live.pop(client_id, None)
+        if held is None:
+            return
+        tenant, device_id, serial, kind, _remote = held
+        self._drop_serial(tenant, serial)
+        self._update(tenant, device_id, serial, kind, client_id, at, disconnected_at=at)
+
+    def duplicate(self, *, tenant: str, device_id: str, serial: int, kind: str, client_id: str,
+                  at: dt.datetime) -> None:
+        """A second session with the same certificate arrived while one was live."""
+        log.warning("certificate %x of %s/%s connects again while a session with it is live", serial, tenant,
+                    device_id)
+        self._update(tenant, device_id, serial, kind, client_id, at, duplicates=1, last_duplicate_at=at)
+
+    def live_sessions(self) -> list[LiveSession]:
+        """The open sessions as the events told them."""
+        return [LiveSession(tenant=t, device_id=d, serial=s, client_id=c, kind=k, remote=r)
+                for c, (t, d, s, k, r) in self._live.items()]
+
+    # -- running
+
+    async def start(self) -> None:
+        """Close the sessions this node left open (a crash), then start the flush and health loops."""
+        closed = await self._registry.close_sessions(self.node, self._clock())
+        if closed:
+            log.info("marked %d session(s) left open by node %s as closed", closed, self.node)
+        self._tasks.append(asyncio.create_task(self._every(self._flush_every, self.flush), name="certmq-sessions"))
+        if self.interval > 0:
+            self._tasks.append(asyncio.create_task(self._every(self.interval, self.run, first=0.0),
+                                                   name="certmq-health"))
+
+    async def _every(self, period: float, job: Callable[[], Awaitable[Any]], first: float | None = None) -> None:
+        await asyncio.sleep(period if first is None else first)
+        while True:
+            try:
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("fleet monitor job %s failed", getattr(job, "__name__", job))
+            await asyncio.sleep(period)
+
+    async def flush(self) -> int:
+        """Write the pending session updates in one registry call; rows written."""
+        if not self._pending:
+            return 0
+        batch, self._pending = list(self._pending.values()), {}
+        try:
+            return int(await self._registry.record_sessions(batch))
+        except Exception:
+            for update in batch:  # keep them for the next period; newer events of the same key win
+                key = (update.tenant, update.device_id, update.serial)
+                newer = self._pending.get(key)
+                self._pending[key] = update if newer is None else dataclasses.replace(
+                    newer, connects=newer.connects + update.connects, duplicates=newer.duplicates + update.duplicates,
+                    connected_at=newer.connected_at or update.connected_at,
+                    last_duplicate_at=newer.last_duplicate_at or update.last_duplicate_at)
+            raise
+
+    async def run(self, tenant: str | None = None) -> list[FleetHealth]:
+        """Assess ``tenant`` (default: every tenant) now, store and publish the reports; the reports."""
+        async with self._lock:
+            await self.flush()
+            now = self._clock()
+            live = self._live_view() if self._live_view is not None else self.live_sessions()
+            out = []
+            for name in sorted(self._policies) if tenant is None else [tenant]:
+                certificates = [c async for c in self._registry.certificates(name)]
+                sessions = await self._registry.sessions(name)
+                report = await asyncio.to_thread(
+                    assess, tenant=name, now=now, policy=self._policies[name], certificates=certificates,
+                    sessions=sessions, live=[s for s in live if s.tenant == name],
+                    ca_certificates=self._cas.get(name, {}), settings=self.settings, key_cache=self._keys,
+                )
+                document = report.to_json(max_findings_per_check=MAX_PUBLISHED_PER_CHECK, devices=False)
+                document["node"] = self.node
+                await self._registry.put_health_report(name, self.node, now, document)
+                self.reports[name] = report
+                if self._on_report is not None:
+                    self._on_report(report)
+                if self._publish is not None:
+                    await self._publish(name, json.dumps(document, sort_keys=True).encode())
+                out.append(report)
+            return out
+
+    async def close(self) -> None:
+        """Stop the loops and write what is pending (errors are logged)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        with contextlib.suppress(Exception):
+            await self.flush()

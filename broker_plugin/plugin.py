@@ -20,6 +20,13 @@ Load it from an amqtt config (``plugins: {broker_plugin.plugin.CertmqPlugin: {..
   coalesced deltas on ``rev/{region}/delta`` and retained signed snapshots per status list
   (``docs/revocation-feeds.md``).
 
+Fleet health (:mod:`broker_plugin.health`): connects, disconnects and second sessions of one
+certificate are recorded (batched) in the registry's ``sessions`` table; every ``health_interval``
+seconds each tenant is assessed and the report published retained on
+``certmq/v1/{tenant}/ops/findings`` (:meth:`CertmqPlugin.run_health_checks` on demand). With
+``metrics_port`` >= 0, Prometheus metrics (:mod:`broker_plugin.metrics`) are served on
+``metrics_host:metrics_port``.
+
 ``echo: true`` replaces the CA by a fixed reply of ``echo_reply_bytes`` bytes per request, sent
 through the same queue, batches and ``deliver_to``: the bare request/response baseline for the
 benchmarks. This module knows amqtt's plugin interface and the service's public API; decisions
@@ -35,6 +42,7 @@ import datetime as dt
 import inspect
 import logging
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
@@ -50,11 +58,14 @@ from protocol.errors import CertmqError, DecodeError, TopicError
 from protocol.extensions import CAPABILITIES_OID, REGION_OID, decode_capabilities, decode_region
 from protocol.messages import Error
 from protocol.topics import PREFIX, ParsedTopic, parse_topic, response_topic_for
+from protocol.topics import findings_topic
 
 from . import acl
 from .admission import AdmissionQueue
 from .broker import ConnectionInfo, HardenedBroker
 from .feeds_publisher import FeedPublisher
+from .health import FleetMonitor, HealthSettings, LiveSession
+from .metrics import BrokerMetrics
 from .ca import datadir as dd
 from .ca.claims import load_claim_policy
 from .ca.identity import NO_REGION, IdentityKind, NotAuthorized, Outcome, Outgoing
@@ -78,6 +89,7 @@ class _Request:
     parsed: ParsedTopic
     topic: str
     payload: bytes
+    admitted: float = 0.0  # time.monotonic() at admission: the latency metric's start
 
 
 def _request_id(payload: bytes) -> bytes | None:
@@ -133,6 +145,12 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
         feed_snapshot_period: float = 300.0  #: seconds between periodic retained snapshot refreshes
         echo: bool = False  #: benchmark baseline: fixed reply, no CA work
         echo_reply_bytes: int = 1024
+        metrics_port: int = -1  #: Prometheus exporter port (-1: off, 0: any free port)
+        metrics_host: str = "127.0.0.1"  #: address the exporter listens on
+        health_interval: float = 60.0  #: seconds between health checks published on ops/findings (0: none)
+        days_without_renewal: int = 30  #: the no-recent-renewal check's threshold
+        session_flush: float = 1.0  #: seconds between batched writes of session rows
+        node: str = ""  #: this broker's name in session rows and health reports (default: host name)
 
     def __init__(self, context: BrokerContext) -> None:
         super().__init__(context)
@@ -144,6 +162,10 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
                 (cfg.batch_tasks < 0, "batch_tasks must be >= 0"),
                 (cfg.revocation_poll <= 0, "revocation_poll must be > 0"),
                 (cfg.echo_reply_bytes < 0, "echo_reply_bytes must be >= 0"),
+                (not -1 <= cfg.metrics_port <= 65535, "metrics_port must be -1 (off) or 0..65535"),
+                (cfg.health_interval < 0, "health_interval must be >= 0"),
+                (cfg.days_without_renewal < 0, "days_without_renewal must be >= 0"),
+                (cfg.session_flush <= 0, "session_flush must be > 0"),
                 (bool(cfg.passphrase_env) and bool(cfg.passphrase_file), "give passphrase_env or passphrase_file, not both"),
             ) if bad
         ]
@@ -175,6 +197,13 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
         self._snapshotted: set[tuple[str, str]] = set()
         self._watermark: dict[str, dt.datetime] = {}
         self._seen: dict[str, dict[int, dt.datetime]] = {t: {} for t in self.authorities}
+        self.fleet: FleetMonitor | None = None
+        self.metrics: BrokerMetrics | None = None
+        if cfg.metrics_port >= 0:
+            self.metrics = BrokerMetrics(
+                queue_depth=lambda: len(self.admission), queue_capacity=lambda: self.admission.capacity,
+                connections=self._connection_kinds, feed_sequences=lambda: self._feed_seq,
+            )
         self.broker.identity_hook = self.identify
         self.broker.client_id_hook = self.client_id_matches
         self.broker.acl_hook = acl.allowed
@@ -217,6 +246,16 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
                     publish=self._publish_feed, clock=self.clock, window=self.config.feed_window,
                     snapshot_period=self.config.feed_snapshot_period,
                 )
+            if not self.config.echo:
+                self.fleet = FleetMonitor(
+                    registry=self.registry, policies={t: a.policy for t, a in self.authorities.items()},
+                    ca_certificates={t: {"issuing": a.issuing, "root": a.root} for t, a in self.authorities.items()},
+                    node=self.config.node or socket.gethostname() or "certmq", clock=self.clock,
+                    publish=self._publish_findings, live=self._live_sessions,
+                    on_report=self.metrics.set_health if self.metrics is not None else None,
+                    settings=HealthSettings(days_without_renewal=self.config.days_without_renewal),
+                    interval=self.config.health_interval, flush=self.config.session_flush,
+                )
         except BaseException as exc:  # amqtt does not propagate plugin errors: keep it for the caller
             log.exception("certmq plugin could not start")
             self.startup_error = exc
@@ -232,6 +271,15 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
                 await self._ensure_feed(tenant, authority.policy.default_region or NO_REGION)
                 for region in {fl.region for fl in await self.registry.feed_lists(tenant)}:
                     await self._ensure_feed(tenant, region)
+        if self.metrics is not None:
+            try:
+                await self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
+            except OSError as exc:
+                log.error("metrics exporter could not listen on %s:%d: %s", self.config.metrics_host,
+                          self.config.metrics_port, exc)
+                self.startup_error = exc
+        if self.fleet is not None:
+            await self.fleet.start()
         drains = self.config.batch_tasks or self.config.workers + 1
         self._tasks = [asyncio.create_task(self._drain(), name=f"certmq-batch-{i}") for i in range(drains)]
         self._tasks.append(asyncio.create_task(self._poll(), name="certmq-revocation-poll"))
@@ -259,6 +307,10 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
     async def close(self) -> None:
         """Stop the workers, wait briefly for replies in flight, close the pool and the registry."""
         await self._stop_tasks()
+        if self.fleet is not None:
+            await self.fleet.close()
+        if self.metrics is not None:
+            await self.metrics.close()
         if self.feeds is not None:
             await self.feeds.close()
         if self._sends:
@@ -287,6 +339,9 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
             recovery = True
         caps, region = _extensions(certificate)
         claim = await self._claim_scope(ident.tenant, ident.name) if ident.kind is IdentityKind.BOOTSTRAP else None
+        if self.fleet is not None and self.fleet.is_live(ident.tenant, ident.serial):
+            self.fleet.duplicate(tenant=ident.tenant, device_id=ident.name, serial=ident.serial,
+                                 kind=str(ident.kind), client_id=ident.name, at=self.clock())
         if self.config.publish_feeds and ident.kind is not IdentityKind.BOOTSTRAP:
             key = (ident.tenant, region or NO_REGION)
             if key not in self._snapshotted:
@@ -345,12 +400,15 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
         self.stats["requests"] += 1
         # A claim credential serves a whole production line: limit it per claimed device id.
         key = (identity.principal, parsed.device_id) if identity.kind is IdentityKind.BOOTSTRAP else identity.principal
-        request = _Request(client_id, identity, parsed, parsed.topic, payload)
+        request = _Request(client_id, identity, parsed, parsed.topic, payload, time.monotonic())
         refusal = self.admission.offer(key, request)
         if refusal is not None:
             error = Error(code=refusal.code, text=refusal.text, request_id=_request_id(payload),
                           retry_after=refusal.retry_after)
-            self._send(client_id, response_topic_for(parsed), encode(error))
+            reply = encode(error)
+            if self.metrics is not None:
+                self.metrics.observe_reply(tenant=identity.tenant, request=payload, reply=reply, latency=0.0)
+            self._send(client_id, response_topic_for(parsed), reply)
 
     async def _drain(self) -> None:
         while True:
@@ -364,6 +422,11 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
             for request, outcome in zip(batch, outcomes):
                 for out in outcome.replies:
                     self._send(request.client_id, out.topic, out.payload)
+                if self.metrics is not None:
+                    self.metrics.observe_reply(
+                        tenant=request.identity.tenant, request=request.payload,
+                        reply=outcome.replies[0].payload if outcome.replies else None,
+                        latency=time.monotonic() - request.admitted)
                 if outcome.revoked or outcome.deltas:
                     await self._revoked(outcome.revoked, outcome.deltas,
                                         f"certificate revoked by {request.identity.principal}")
@@ -397,6 +460,46 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
+    # -- fleet health and metrics -------------------------------------------------------------
+
+    async def on_broker_client_connected(self, *, client_id: str, client_session: Any = None) -> None:
+        """amqtt event: record the session (batched into the registry by the fleet monitor)."""
+        identity = self.broker.identity_of(client_id)
+        if self.fleet is None or not isinstance(identity, acl.SessionIdentity):
+            return
+        host, port = getattr(client_session, "remote_address", None), getattr(client_session, "remote_port", None)
+        self.fleet.connected(tenant=identity.tenant, device_id=identity.name, serial=identity.serial,
+                             kind=str(identity.kind), client_id=client_id,
+                             remote=f"{host}:{port}" if host else None, at=self.clock())
+
+    async def on_broker_client_disconnected(self, *, client_id: str, client_session: Any = None) -> None:
+        """amqtt event: the session ended."""
+        if self.fleet is not None:
+            self.fleet.disconnected(client_id=client_id, at=self.clock())
+
+    async def run_health_checks(self, tenant: str | None = None) -> list[Any]:
+        """Assess ``tenant`` (default: all) now and publish the findings; the :class:`~broker_plugin.health.FleetHealth` reports."""
+        if self.fleet is None:
+            raise RuntimeError("fleet health is not running (plugin not started, or echo mode)")
+        return await self.fleet.run(tenant)
+
+    async def _publish_findings(self, tenant: str, payload: bytes) -> None:
+        await self._publish_feed(findings_topic(tenant), payload, True)
+
+    def _live_sessions(self) -> list[LiveSession]:
+        out = []
+        for conn in self.broker.connections():
+            ident = conn.identity
+            if isinstance(ident, acl.SessionIdentity):
+                out.append(LiveSession(tenant=ident.tenant, device_id=ident.name, serial=ident.serial,
+                                       client_id=conn.client_id, kind=str(ident.kind),
+                                       remote=f"{conn.remote[0]}:{conn.remote[1]}"))
+        return out
+
+    def _connection_kinds(self) -> list[tuple[str, str]]:
+        return [(c.identity.tenant, str(c.identity.kind)) for c in self.broker.connections()
+                if isinstance(c.identity, acl.SessionIdentity)]
+
     # -- revocation: kicks and feeds -------------------------------------------------------
 
     async def revoke(self, *, tenant: str, reason: RevocationReason, actor: str, serial: int | None = None,
@@ -417,6 +520,9 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
         records = list(records)
         for record in records:
             self._seen.setdefault(record.tenant, {})[record.serial] = record.revoked_at or self.clock()
+        if self.metrics is not None:
+            for record in records:
+                self.metrics.observe_revoked(record.tenant, [record.profile])
         await self._kick({(r.tenant, r.serial) for r in records}, why)
         if deltas:
             async with self._feed_lock:
@@ -438,6 +544,8 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
 
         kicked = await self.broker.kick(revoked, why)
         self.stats["kicked"] += len(kicked)
+        if self.metrics is not None:
+            self.metrics.observe_kicked(len(kicked))
 
     async def _emit(self, deltas: Sequence[StatusDelta]) -> None:
         if not deltas:
