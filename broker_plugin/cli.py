@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ca": ("broker_plugin.ca.cli", "operate the CA: init tenants, policies, claims, factory signing, revoke, CRLs"),
     "audit": ("broker_plugin.ca.cli", "verify or export the CA's hash-chained audit trail"),
     "broker": ("broker_plugin.server", "run the MQTT broker with the certmq CA plugin"),
+    "status": ("broker_plugin.status", "fleet health: certificates by state, expiry, renewal forecast, audit findings"),
 }
 
 
