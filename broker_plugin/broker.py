@@ -159,6 +159,34 @@ class _Connection:
     suppress_will: bool = False
 
 
+class _TaskSet:
+    """The list interface amqtt's ``PluginManager`` uses for its fired events, with O(1) removal."""
+
+    def __init__(self) -> None:
+        self._items: dict[Any, None] = {}
+
+    def extend(self, items: Any) -> None:
+        self._items.update(dict.fromkeys(items))
+
+    def append(self, item: Any) -> None:
+        self._items[item] = None
+
+    def remove(self, item: Any) -> None:
+        del self._items[item]  # KeyError, like list.remove's ValueError, is what amqtt suppresses
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __iter__(self) -> Any:
+        return iter(list(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+
 def _abort(writer: WriterAdapter) -> None:
     if isinstance(writer, StreamWriterAdapter):
         transport = writer._writer.transport  # noqa: SLF001 - amqtt exposes no abort
@@ -225,6 +253,9 @@ class HardenedBroker(Broker):
         self._register_lock = asyncio.Lock()
         self._stopping = False
         super().__init__(config)
+        # amqtt keeps the plugin-event tasks in a list and removes each finished one with
+        # list.remove: quadratic once a burst leaves thousands in flight.
+        self.plugins_manager._fired_events = _TaskSet()  # type: ignore[assignment]  # noqa: SLF001
 
     # -- public API ---------------------------------------------------------
 
@@ -550,6 +581,15 @@ class HardenedBroker(Broker):
             self._del_subscription(topic_filter, session)
 
     # -- delivery -----------------------------------------------------------
+
+    async def _broadcast_message(
+        self, session: Session | None, topic: str | None, data: bytes | bytearray | None, force_qos: int | None = None
+    ) -> None:
+        # Requests to the in-process CA match no subscription. Queued anyway, a storm of them
+        # sits in the one FIFO broadcast queue ahead of every message that has a subscriber.
+        if topic is not None and not self._trie.match(topic):
+            return
+        await super()._broadcast_message(session, topic, data, force_qos)
 
     async def _run_broadcast(self, running_tasks: Any) -> None:
         broadcast = await self._broadcast_queue.get()
