@@ -20,7 +20,8 @@ connections the way a factory provisioning line does):
   within ``--reply-timeout`` seconds of a send, is a hard failure;
 - meanwhile an unrelated device (``pinger``, capability ``telemetry``), in a process of its own,
   publishes every 50 ms on its own ``dev/pinger/app/telemetry/ping`` topic, to which it is
-  subscribed, and records each round trip (a ping not back within 5 s counts as lost);
+  subscribed, and records each round trip (a ping not back within 5 s counts as lost, and as an
+  infinite latency in the percentiles);
 - the broker (child process, built as ``certmq broker`` builds it, default plugin settings: queue
   2000, BUSY retry 5-10 s, rate 0.2/s burst 3 per claimed device, batches of 64, ``--workers``
   signing processes) has its VmRSS sampled every 250 ms.
@@ -54,6 +55,7 @@ from _broker_kit import (  # noqa: E402
     Minter,
     MqttConn,
     children,
+    cpu_seconds,
     make_csrs,
     make_datadir,
     percentile,
@@ -76,16 +78,16 @@ PING_LOST_AFTER = 5.0
 # -- the pinger (own process, own event loop) -------------------------------------------------------
 
 
-def _pinger(port: int, creds: Creds, interval: float, go: Any, stop: Any, out: Any) -> None:
+def _pinger(port: int, creds: Creds, interval: float, lost_after: float, go: Any, stop: Any, out: Any) -> None:
     async def run() -> None:
         sent: dict[int, float] = {}
-        rtts: list[float] = []
+        rtts: list[tuple[float, float]] = []  # (sent, seconds after go), round trip
 
         def on_message(topic: str, payload: bytes) -> None:
             (seq,) = struct.unpack("!Q", payload[:8])
             at = sent.pop(seq, None)
             if at is not None:
-                rtts.append(time.perf_counter() - at)
+                rtts.append((at - began, time.perf_counter() - at))
 
         topic = f"certmq/v1/{TENANT}/dev/{creds.name}/app/telemetry/ping"
         conn = MqttConn(creds.name, on_message)
@@ -95,14 +97,14 @@ def _pinger(port: int, creds: Creds, interval: float, go: Any, stop: Any, out: A
         while not go.is_set():
             await asyncio.sleep(0.01)
         seq = 0
-        next_at = time.perf_counter()
+        began = next_at = time.perf_counter()
         while not stop.is_set():
             seq += 1
             sent[seq] = time.perf_counter()
             conn.publish(topic, struct.pack("!Q", seq) + bytes(24))
             next_at += interval
             await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-        await asyncio.sleep(PING_LOST_AFTER)
+        await asyncio.sleep(lost_after)
         await conn.close()
         lost = len(sent)
         out.put((rtts, lost, seq))
@@ -143,10 +145,11 @@ class Storm:
     rss_peak_kib: int = 0
     rss_start_kib: int = 0
     workers_rss_peak_kib: int = 0
-    pings: list[float] = field(default_factory=list)
+    pings: list[tuple[float, float]] = field(default_factory=list)
     pings_lost: int = 0
     pings_sent: int = 0
     registry: dict[str, int] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
 
 
 async def _storm(args: argparse.Namespace, broker: BrokerChild, claims: list[Creds], devices: list[_Device],
@@ -214,7 +217,8 @@ async def _storm(args: argparse.Namespace, broker: BrokerChild, claims: list[Cre
 
     ctx = mp.get_context("fork")
     go, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
-    ping_proc = ctx.Process(target=_pinger, args=(broker.port, pinger, args.ping_interval, go, stop, out), daemon=True)
+    ping_proc = ctx.Process(target=_pinger, daemon=True,
+                            args=(broker.port, pinger, args.ping_interval, args.ping_lost_after, go, stop, out))
     ping_proc.start()
     if out.get(timeout=30) != "ready":
         raise RuntimeError("pinger did not start")
@@ -241,8 +245,18 @@ async def _storm(args: argparse.Namespace, broker: BrokerChild, claims: list[Cre
                     result.failures.append(f"connection {conn.client_id} closed by the broker")
                     conn.closed.clear()
 
+    for pid in children(broker.pid) if args.worker_nice else ():
+        os.setpriority(os.PRIO_PROCESS, pid, args.worker_nice)
+    if args.client_nice:
+        os.setpriority(os.PRIO_PROCESS, 0, args.client_nice)  # after the pinger forked: it keeps 0
     result.rss_start_kib = rss_kib(broker.pid)
     sampler, sweeper = asyncio.create_task(sample_rss()), asyncio.create_task(sweep())
+
+    def cpu_now() -> dict[str, float]:
+        return {"broker": cpu_seconds(broker.pid), "loop": cpu_seconds(broker.pid, broker.pid),
+                "workers": sum(cpu_seconds(p) for p in children(broker.pid)), "clients": cpu_seconds(os.getpid())}
+
+    cpu_start = cpu_now()
     go.set()
     t0 = time.perf_counter()
     step = args.spread / len(devices)
@@ -268,13 +282,14 @@ async def _storm(args: argparse.Namespace, broker: BrokerChild, claims: list[Cre
                 print(f"  t={last - t0:.0f} s: {len(devices) - remaining:,} issued, {result.busy:,} BUSY, "
                       f"{result.rate_limited:,} RATE_LIMITED, broker RSS {rss_samples[-1] / 1024:.0f} MiB", flush=True)
         result.seconds = time.perf_counter() - t0
+        result.cpu = {k: (v - cpu_start[k]) / result.seconds for k, v in cpu_now().items()}
     finally:
         stop.set()
         sampler.cancel()
         sweeper.cancel()
     if not all_done.is_set():
         result.failures.append(f"{remaining:,} devices not issued after {args.deadline:.0f} s")
-    rtts, lost, pings = out.get(timeout=PING_LOST_AFTER + 30)
+    rtts, lost, pings = out.get(timeout=args.ping_lost_after + 30)
     ping_proc.join(10)
     result.pings, result.pings_lost, result.pings_sent = rtts, lost, pings
     for conn in conns:
@@ -314,7 +329,9 @@ def _check_registry(datadir: Path, devices: list[_Device], result: Storm) -> Non
 
 
 def _report(args: argparse.Namespace, r: Storm, stats: dict[str, Any]) -> bool:
-    ping_all = r.pings + [float("inf")] * r.pings_lost
+    ping_all = [rtt for _, rtt in r.pings] + [float("inf")] * r.pings_lost
+    in_wave = [rtt for at, rtt in r.pings if at <= r.first_send_window]
+    after = [rtt for at, rtt in r.pings if at > r.first_send_window]
     p99 = percentile(ping_all, 99)
     rss_ok = r.rss_peak_kib < RSS_LIMIT_KIB
     ping_ok = p99 < PING_P99_LIMIT
@@ -332,7 +349,12 @@ def _report(args: argparse.Namespace, r: Storm, stats: dict[str, Any]) -> bool:
           f"(limit 1024: {'met' if rss_ok else 'MISSED'}); signing workers peak {r.workers_rss_peak_kib / 1024:.0f} MiB")
     print(f"ping (publish -> own subscription, every {args.ping_interval * 1000:.0f} ms): {r.pings_sent} sent, "
           f"{r.pings_lost} lost; p50 {percentile(ping_all, 50) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, max "
-          f"{max(ping_all, default=0) * 1000:.1f} ms (p99 limit 100 ms: {'met' if ping_ok else 'MISSED'})")
+          f"{max(ping_all, default=0) * 1000:.1f} ms (p99 limit 100 ms: {'met' if ping_ok else 'MISSED'}); p99 while the "
+          f"first requests go out {percentile(in_wave, 99) * 1000:.1f} ms, after {percentile(after, 99) * 1000:.1f} ms")
+    cpu = r.cpu
+    if cpu:
+        print(f"CPU, cores on average over the storm: broker process {cpu['broker']:.2f} (event-loop thread "
+              f"{cpu['loop']:.2f}), signing workers {cpu['workers']:.2f}, device clients {cpu['clients']:.2f}")
     print(f"plugin counters: {stats}")
     print(f"hard failures: {hard}")
     for line in r.failures[:20]:
@@ -386,11 +408,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reply-timeout", type=float, default=60.0,
                         help="a send without any reply for this long is a hard failure (default 60 s)")
     parser.add_argument("--deadline", type=float, default=540.0, help="give up after this many seconds (540)")
+    parser.add_argument("--worker-nice", type=int, default=0,
+                        help="nice value for the signing worker processes (default 0)")
+    parser.add_argument("--client-nice", type=int, default=0,
+                        help="nice value for the storm's device clients (default 0; the pinger keeps 0)")
     parser.add_argument("--ping-interval", type=float, default=0.05, help="pinger period (default 0.05 s)")
+    parser.add_argument("--ping-lost-after", type=float, default=PING_LOST_AFTER,
+                        help="a ping not back after this many seconds is lost (default 5)")
     args = parser.parse_args(argv)
     if not 1 <= args.connections <= 1000 or args.devices < args.connections:
         parser.error("--connections must be 1..1000 and at most --devices")
-    if args.workers < 1 or args.queue < 1 or args.spread < 0 or args.reply_timeout <= 0 or args.ping_interval <= 0:
+    if (args.workers < 1 or args.queue < 1 or args.spread < 0 or args.reply_timeout <= 0 or args.ping_interval <= 0
+            or args.ping_lost_after <= 0):
         parser.error("--workers, --queue >= 1; --spread >= 0; --reply-timeout, --ping-interval > 0")
     return asyncio.run(_main(args))
 
