@@ -490,9 +490,9 @@ def _last_seen(tenant: str, certificates: Sequence[CertificateRecord], current: 
             seen.setdefault(record.device_id, (None, False, None))
     live_serials = {(s.device_id, s.serial) for s in live if s.tenant == tenant}
     for row in sessions:
-        if row.tenant != tenant or row.kind != "device":
-            continue
-        last, is_live, serial = seen.get(row.device_id, (None, False, None))
+        if row.tenant != tenant or row.kind != "device" or row.device_id not in seen:
+            continue  # devices without an active certificate are not part of the fleet any more
+        last, is_live, serial = seen[row.device_id]
         row_live = (row.device_id, row.serial) in live_serials
         if last is None or row.last_seen > last:
             last, serial = row.last_seen, row.serial

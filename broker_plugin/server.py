@@ -244,6 +244,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--burst", type=int, default=3, help="per-client burst (default 3)")
     parser.add_argument("--ready-file", type=Path, help="also write the ready JSON here")
     parser.add_argument("--echo", action="store_true", help="benchmark baseline: answer requests with a fixed reply")
+    parser.add_argument("--metrics-port", type=int, default=-1, metavar="N",
+                        help="serve Prometheus metrics on 127.0.0.1:N/metrics (0 = any free port; default off)")
+    parser.add_argument("--health-interval", type=float, default=60.0, metavar="S",
+                        help="seconds between health checks published on ops/findings (0 = off; default 60)")
 
 
 async def serve(args: argparse.Namespace, passphrase: bytes | None, datadir: Path,
@@ -259,6 +263,7 @@ async def serve(args: argparse.Namespace, passphrase: bytes | None, datadir: Pat
     plugin_cfg: dict[str, Any] = {
         "data_dir": str(datadir), "workers": args.workers, "queue_capacity": args.queue,
         "rate": args.rate, "burst": args.burst, "echo": bool(args.echo),
+        "metrics_port": args.metrics_port, "health_interval": args.health_interval,
     }
     if args.passphrase_env:
         plugin_cfg["passphrase_env"] = args.passphrase_env
@@ -286,7 +291,8 @@ async def serve(args: argparse.Namespace, passphrase: bytes | None, datadir: Pat
             return 1
         port = broker.listen_port()
         ready = {"host": args.host, "port": port, "pid": os.getpid(), "certfile": str(certfile),
-                 "tenants": [t.name for t in dd.list_tenants(datadir)], "echo": bool(args.echo)}
+                 "tenants": [t.name for t in dd.list_tenants(datadir)], "echo": bool(args.echo),
+                 "metrics_port": plugin.metrics.port if plugin.metrics is not None else None}
         for path in ready_paths:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")
@@ -294,6 +300,8 @@ async def serve(args: argparse.Namespace, passphrase: bytes | None, datadir: Pat
             os.replace(tmp, path)
         _say(f"certmq broker: listening on {args.host}:{port} (MQTT over TLS, client certificates required; "
              f"tenants: {', '.join(ready['tenants'])}; workers: {args.workers}{'; ECHO MODE' if args.echo else ''})")
+        if plugin.metrics is not None:
+            _say(f"certmq broker: metrics on http://127.0.0.1:{plugin.metrics.port}/metrics")
         await stop.wait()
         _say("certmq broker: shutting down")
     finally:
@@ -310,6 +318,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535 or args.workers < 1 or args.queue < 1 or args.rate < 0 or args.burst < 1:
         print(f"{prog}: error: --port 0..65535, --workers >= 1, --queue >= 1, --rate >= 0, --burst >= 1",
               file=sys.stderr)
+        return 2
+    if not -1 <= args.metrics_port <= 65535 or args.health_interval < 0:
+        print(f"{prog}: error: --metrics-port -1 (off) or 0..65535, --health-interval >= 0", file=sys.stderr)
         return 2
     datadir = dd.resolve_datadir(args.data)
     try:
