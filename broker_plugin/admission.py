@@ -26,6 +26,9 @@ __all__ = ["AdmissionQueue", "RateLimiter", "Refusal"]
 
 T = TypeVar("T")
 
+_DRAIN_WINDOW = 10.0  # seconds of take() history behind the drain-rate estimate
+_MIN_DRAINED = 50  # requests taken in that window before the estimate is trusted (a held worker is not a rate)
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Refusal:
@@ -88,21 +91,34 @@ class AdmissionQueue(Generic[T]):
     """A bounded FIFO of requests with immediate refusals.
 
     ``capacity``: queued requests at most; past it :meth:`offer` answers ``BUSY`` with
-    ``retry_after = ceil(busy_retry * (1 + rng()))`` (jitter in ``[busy_retry, 2 busy_retry)``,
-    so refused devices do not come back together). ``rate``/``burst``: the per-key
-    :class:`RateLimiter` (``RATE_LIMITED``, retry-after = time until the next token). A ``BUSY``
-    refusal spends no token.
+    ``retry_after = ceil(period * (1 + rng()))`` (jitter in ``[period, 2 period)``, so refused
+    devices do not come back together). ``period`` is ``busy_retry`` unless more requests were
+    refused than the queue drains: then it is the time the workers need for the requests waiting
+    (the queue plus the requests refused in the last retry cycle, each of which comes back once per
+    cycle) at the drain rate of the last ten seconds, at most ``busy_retry_max``. So a storm's
+    retries arrive about as fast as they can be served, instead of returning every few seconds
+    and spending the broker on refusals. ``rate``/``burst``: the per-key :class:`RateLimiter`
+    (``RATE_LIMITED``, retry-after = time until the next token). A ``BUSY`` refusal spends no token.
     """
 
     def __init__(self, *, capacity: int = 2000, busy_retry: float = 5.0, rate: float = 0.2, burst: int = 3,
-                 clock: Callable[[], float] = time.monotonic, rng: Callable[[], float] = random.random) -> None:
+                 clock: Callable[[], float] = time.monotonic, rng: Callable[[], float] = random.random,
+                 busy_retry_max: float = 600.0) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError("capacity must be an int >= 1")
         if not busy_retry > 0:
             raise ValueError("busy_retry must be > 0 seconds")
+        if not busy_retry_max >= busy_retry or not math.isfinite(busy_retry_max):
+            raise ValueError("busy_retry_max must be a finite number >= busy_retry")
         self._capacity = capacity
         self._busy_retry = float(busy_retry)
+        self._busy_retry_max = float(busy_retry_max)
+        self._period = float(busy_retry)
+        self._clock = clock
         self._rng = rng
+        self._taken: collections.deque[tuple[float, int]] = collections.deque()  # (when, how many)
+        self._first_take: float | None = None
+        self._refused_at: collections.deque[float] = collections.deque()  # BUSY refusals of the current cycle
         self.limiter = RateLimiter(rate=rate, burst=burst, clock=clock)
         self._items: collections.deque[T] = collections.deque()
         self._ready: asyncio.Event | None = None
@@ -121,7 +137,7 @@ class AdmissionQueue(Generic[T]):
         """Queue ``item`` for ``key`` (the requester): ``None``, or why not (nothing queued then)."""
         if len(self._items) >= self._capacity:
             self.refused_busy += 1
-            wait = self._busy_retry * (1.0 + self._rng())
+            wait = self.busy_period() * (1.0 + self._rng())
             return Refusal(ErrorCode.BUSY, max(1, math.ceil(wait)),
                            f"server busy ({self._capacity} requests queued); retry later")
         wait = self.limiter.take(key)
@@ -133,6 +149,23 @@ class AdmissionQueue(Generic[T]):
             self._ready.set()
         return None
 
+    def busy_period(self) -> float:
+        """The base of the next BUSY retry-after (see the class docstring); records one refusal."""
+        now = self._clock()
+        self._refused_at.append(now)
+        while self._refused_at and self._refused_at[0] < now - 1.5 * self._period:  # a cycle: [period, 2 period)
+            self._refused_at.popleft()
+        while self._taken and self._taken[0][0] < now - _DRAIN_WINDOW:
+            self._taken.popleft()
+        drained = sum(n for _, n in self._taken)
+        if drained < _MIN_DRAINED or self._first_take is None:
+            self._period = self._busy_retry  # no drain measured yet (or workers stalled): the configured wait
+            return self._period
+        span = min(_DRAIN_WINDOW, max(1.0, now - self._first_take))
+        waiting = len(self._refused_at) + len(self._items)
+        self._period = min(self._busy_retry_max, max(self._busy_retry, waiting * span / drained))
+        return self._period
+
     async def take(self, most: int) -> list[T]:
         """Wait until something is queued, then remove and return up to ``most`` items, oldest first."""
         if most < 1:
@@ -143,6 +176,10 @@ class AdmissionQueue(Generic[T]):
             self._ready.clear()
             await self._ready.wait()
         batch = [self._items.popleft() for _ in range(min(most, len(self._items)))]
+        now = self._clock()
+        if self._first_take is None:
+            self._first_take = now
+        self._taken.append((now, len(batch)))
         if not self._items:
             self._ready.clear()
         return batch

@@ -6,6 +6,7 @@ storm's retries, pinger and registry check -- and that every request got its rig
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
@@ -43,3 +44,47 @@ def test_broker_storm_bench_issues_every_device_exactly_once() -> None:
     assert "hard failures: 0" in out, out
     assert re.search(r"requests sent: [\d,]+ \(BUSY [1-9]", out), out  # the retry path was exercised
     assert re.search(r"broker RSS: \d+ MiB before, peak \d+ MiB", out), out
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_busy_retry_after_stretches_to_what_the_queue_drains() -> None:
+    """The storm fix the benches led to (admission.py): while the queue drains 10 requests a second (100 in the last 10 s)
+    and 300 requests were refused within the retry cycle, BUSY asks for about 300 / 10 = 30 s
+    (jittered up to 2x), not the configured 4 s; with nothing refused it is back to 4 s; never above
+    busy_retry_max."""
+    from broker_plugin.admission import AdmissionQueue
+    from protocol.codes import ErrorCode
+
+    clock = _Clock()
+    queue: AdmissionQueue[int] = AdmissionQueue(capacity=10, busy_retry=4.0, rate=0, clock=clock, rng=lambda: 0.0,
+                                                busy_retry_max=60.0)
+    for i in range(10):
+        assert queue.offer("k", i) is None
+    first = queue.offer("k", 99)
+    assert first is not None and first.code == ErrorCode.BUSY and first.retry_after == 4  # no drain measured yet
+
+    async def drain_for(seconds: int) -> None:
+        for _ in range(seconds):  # 10 taken per second, refilled at once
+            assert len(await queue.take(10)) == 10
+            for i in range(10):
+                assert queue.offer("k", i) is None
+            clock.now += 1
+
+    asyncio.run(drain_for(10))
+    refusals = [queue.offer("k", n) for n in range(300)]
+    assert all(r is not None and r.code == ErrorCode.BUSY for r in refusals)
+    assert 28 <= refusals[-1].retry_after <= 33  # type: ignore[union-attr]  # (300 + 10 queued) / 10 per s
+    assert [r.retry_after for r in refusals] == sorted(r.retry_after for r in refusals)  # type: ignore[union-attr]
+    clock.now += 1000  # the refused cycle is over, nothing drained lately: the configured wait again
+    calm = queue.offer("k", 1)
+    assert calm is not None and calm.retry_after == 4
+    asyncio.run(drain_for(5))
+    capped = [queue.offer("k", n) for n in range(5000)][-1]
+    assert capped is not None and capped.retry_after == 60
