@@ -174,7 +174,7 @@ async def datadir(tmp_path: Path) -> Path:
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY)
     await dd.init_tenant(data, TENANT, algorithm="p256", passphrase=PASSPHRASE, policy=policy,
-                         now=now().replace(microsecond=0) - dt.timedelta(hours=1))
+                         now=now().replace(microsecond=0) - dt.timedelta(days=40))  # room for expired leaves
     return data
 
 
@@ -233,3 +233,42 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, what: st
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+def live_serials(handle: BrokerHandle, client_id: str) -> list[int]:
+    """Serials of the certificates ``client_id``'s live connections authenticated with (broker view)."""
+    assert handle.broker is not None
+    return [c.identity.serial for c in handle.broker.connections() if c.client_id == client_id]
+
+
+async def fast_sleep(seconds: float) -> None:
+    """Backoff waits compressed to at most 0.2 s (the decisions are unchanged, only waited less)."""
+    await asyncio.sleep(min(max(seconds, 0.0), 0.2))
+
+
+async def enrolled(tmp_path: Path, handle: BrokerHandle, ca: Ca, device_id: str, **kwargs: Any) -> Device:
+    """A device enrolled through the broker with its own one-use claim (closed client afterwards)."""
+    from device_client import BootstrapCredentials
+
+    claim = await ca.claim(f"claim-{device_id}", device_ids=[device_id], max_uses=1)
+    device = make_device(tmp_path, device_id, ca)
+    boot = BootstrapCredentials(cert_path=claim.cert_path, key_path=claim.key_path)
+    async with device_client(device, handle, ca, bootstrap=boot, **kwargs) as dc:
+        await dc.enroll()
+    return device
+
+
+class WarpClock:
+    """A client clock ``offset`` ahead of real time whose sleeps advance it by the full amount at
+    once (after a real pause of at most 0.05 s): backoffs of minutes take milliseconds, while the
+    broker and CA keep real time."""
+
+    def __init__(self, offset: dt.timedelta = dt.timedelta(0)) -> None:
+        self.offset = offset
+
+    def now(self) -> dt.datetime:
+        return now() + self.offset
+
+    async def sleep(self, seconds: float) -> None:
+        self.offset += dt.timedelta(seconds=max(seconds, 0.0))
+        await asyncio.sleep(min(max(seconds, 0.0), 0.05))
