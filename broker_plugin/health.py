@@ -631,13 +631,16 @@ class FleetMonitor:
     # -- running
 
     async def start(self) -> None:
-        """Close the sessions this node left open (a crash), then start the flush and health loops."""
+        """Close the sessions this node left open (a crash), then start the flush and health loops
+        (the first health run after ``min(interval, 5)`` seconds)."""
         closed = await self._registry.close_sessions(self.node, self._clock())
         if closed:
             log.info("marked %d session(s) left open by node %s as closed", closed, self.node)
         self._tasks.append(asyncio.create_task(self._every(self._flush_every, self.flush), name="certmq-sessions"))
         if self.interval > 0:
-            self._tasks.append(asyncio.create_task(self._every(self.interval, self.run, first=0.0),
+            # The first report comes soon after start (it is retained for operators), but not in
+            # the broker's first seconds, when reconnecting devices keep it busiest.
+            self._tasks.append(asyncio.create_task(self._every(self.interval, self.run, first=min(self.interval, 5.0)),
                                                    name="certmq-health"))
 
     async def _every(self, period: float, job: Callable[[], Awaitable[Any]], first: float | None = None) -> None:

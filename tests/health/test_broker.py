@@ -215,7 +215,7 @@ async def test_findings_reach_operators_and_sessions_are_recorded(make_broker, c
 async def test_findings_are_published_periodically_and_retained(make_broker, ca) -> None:
     broker = await make_broker(health_interval=0.5)
     op = await ca.mint("acme", "op1", CertificateKind.OPERATOR)
-    await asyncio.sleep(0.2)  # the first report (at start) is already retained
+    await asyncio.sleep(0.7)  # the first report (0.5 s after start) is already retained
     async with client(broker, op) as o:
         await o.subscribe("certmq/v1/acme/ops/findings", qos=1)
         reports = [await _findings(o, 5), await _findings(o, 5), await _findings(o, 5)]
