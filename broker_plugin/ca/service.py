@@ -127,6 +127,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _ASCII_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~-]*")
+# Device and provisioning request topics whose identifiers are plain ASCII, which every
+# identifier rule of protocol.topics accepts: the common case, taken apart without
+# parse_topic's per-character Unicode checks. Anything else goes through parse_topic.
+_PLAIN = r"[A-Za-z0-9][A-Za-z0-9._~-]{0,63}"
+_PLAIN_REQUEST_TOPIC = re.compile(rf"certmq/v1/({_PLAIN})/(dev|prov)/({_PLAIN})/req")
+_REQUEST_KINDS = {"dev": TopicKind.DEVICE_REQUEST, "prov": TopicKind.PROVISIONING_REQUEST}
 _DEVICE_KINDS = (CertificateKind.OPERATIONAL, CertificateKind.FACTORY)
 
 
@@ -147,6 +153,19 @@ class _Pending:
     same_key_refusal: tuple[bytes, str] | None = None  # (spki, text): refuse a CSR carrying this key
     audit_kind: str = AuditKind.ISSUE
     actor: str = ""
+
+
+def _parse_topic(topic: str) -> ParsedTopic:
+    """:func:`protocol.topics.parse_topic`, with a fast path for plain device / provisioning
+    request topics (the same ParsedTopic; the regex already proved what its checks check)."""
+    match = _PLAIN_REQUEST_TOPIC.fullmatch(topic) if type(topic) is str else None
+    if match is None:
+        return parse_topic(topic)
+    parsed = object.__new__(ParsedTopic)
+    for name, value in (("kind", _REQUEST_KINDS[match[2]]), ("tenant", match[1]), ("device_id", match[3]),
+                        ("region", None), ("operator_id", None)):
+        object.__setattr__(parsed, name, value)
+    return parsed
 
 
 def _whole_seconds(value: dt.datetime) -> dt.datetime:
@@ -344,7 +363,10 @@ class CAService:
         Outcomes come back in the order of ``items``.
         """
         now = self._now()
-        prepared = await asyncio.gather(*(self._prepare(ident, topic, payload, now) for ident, topic, payload in items))
+        claims: dict[tuple[str, str], asyncio.Future[tuple[ClaimPolicy | None, int]]] = {}
+        prepared = await asyncio.gather(*(
+            self._prepare(ident, topic, payload, now, claims) for ident, topic, payload in items
+        ))
         pending = [p for p in prepared if isinstance(p, _Pending)]
         finished: dict[int, Outcome] = {}
         if pending:
@@ -412,9 +434,12 @@ class CAService:
             return None
         return None  # a claim credential has no topic of its own
 
-    async def _prepare(self, identity: Identity, topic: str, payload: bytes, now: dt.datetime) -> Outcome | _Pending:
+    async def _prepare(
+        self, identity: Identity, topic: str, payload: bytes, now: dt.datetime,
+        claims: dict[tuple[str, str], asyncio.Future[tuple[ClaimPolicy | None, int]]],
+    ) -> Outcome | _Pending:
         try:
-            parsed: ParsedTopic | None = parse_topic(topic)
+            parsed: ParsedTopic | None = _parse_topic(topic)
         except TopicError:
             parsed = None
         reply_topic = self._reply_topic(identity, parsed)
@@ -427,7 +452,7 @@ class CAService:
             self._authorize(identity, parsed, message, now)
             assert parsed is not None
             if isinstance(message, CertificateRequest) and identity.kind is IdentityKind.BOOTSTRAP:
-                return await self._claim(identity, parsed, message, reply_topic, topic, now)
+                return await self._claim(identity, parsed, message, reply_topic, topic, now, claims)
             if isinstance(message, CertificateRequest):
                 return await self._new_profile(identity, message, reply_topic, topic, now)
             if isinstance(message, RenewalRequest):
@@ -552,6 +577,7 @@ class CAService:
     async def _claim(
         self, identity: Identity, parsed: ParsedTopic, message: CertificateRequest, reply_topic: str | None,
         topic: str, now: dt.datetime,
+        claims: dict[tuple[str, str], asyncio.Future[tuple[ClaimPolicy | None, int]]],
     ) -> Outcome | _Pending:
         device_id = parsed.device_id
         assert device_id is not None
@@ -564,19 +590,21 @@ class CAService:
         done = await self._replay(identity, message.request_id, fingerprint)
         if done is not None:
             return self._issued(done, message.request_id, reply_topic)
-        stored = await self._registry.get_claim(identity.tenant, identity.name)
-        if stored is None:
+        # A batch's requests through one claim credential read (and validate) its policy once:
+        # they would all have read it in the same snapshot anyway; the commit still counts uses.
+        key = (identity.tenant, identity.name)
+        lookup = claims.get(key)
+        if lookup is None:
+            lookup = claims[key] = asyncio.ensure_future(self._claim_policy(identity.tenant, identity.name))
+        policy, uses = await lookup
+        if policy is None:
             raise PolicyRefusal(ErrorCode.CLAIM_REFUSED, f"no claim policy is registered for {identity.name!r}")
-        try:
-            policy = load_claim_policy(stored.policy)
-        except PolicyError as exc:
-            raise PolicyRefusal(ErrorCode.CLAIM_REFUSED, f"the stored claim policy is unusable: {exc}") from None
         if policy.expired(now):
             raise PolicyRefusal(ErrorCode.CLAIM_REFUSED,
                                 f"claim {identity.name!r} expired at {policy.not_after.isoformat()}")
         if not policy.allows(device_id):
             raise PolicyRefusal(ErrorCode.CLAIM_REFUSED, f"claim {identity.name!r} may not claim device {device_id!r}")
-        if stored.uses >= policy.max_uses:
+        if uses >= policy.max_uses:
             raise PolicyRefusal(ErrorCode.CLAIM_REFUSED,
                                 f"claim {identity.name!r} has used all {policy.max_uses} of its uses")
         live = await self._registry.certificates_for_device(identity.tenant, device_id, active_only=True)
@@ -592,6 +620,17 @@ class CAService:
             claim=ClaimSpend(claim_id=identity.name, max_uses=policy.max_uses),
             audit_kind=AuditKind.CLAIM, actor=identity.key,
         )
+
+    async def _claim_policy(self, tenant: str, claim_id: str) -> tuple[ClaimPolicy | None, int]:
+        """The stored policy of a claim credential (None if there is none) and its uses so far;
+        ``PolicyRefusal(CLAIM_REFUSED)`` for a stored policy that no longer validates."""
+        stored = await self._registry.get_claim(tenant, claim_id)
+        if stored is None:
+            return None, 0
+        try:
+            return load_claim_policy(stored.policy), stored.uses
+        except PolicyError as exc:
+            raise PolicyRefusal(ErrorCode.CLAIM_REFUSED, f"the stored claim policy is unusable: {exc}") from None
 
     async def _new_profile(
         self, identity: Identity, message: CertificateRequest, reply_topic: str | None, topic: str,

@@ -65,11 +65,18 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"audit details value of type {type(value).__name__} is not JSON-serialisable")
 
 
+# json.dumps with keyword arguments builds a new encoder on every call; this one is built once
+# (same settings, same output: json.dumps(v, **kw) is JSONEncoder(**kw).encode(v)).
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default
+)
+# How that encoder writes a str (ensure_ascii=False): for the hashed body built around the details.
+_json_string: Any = getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
+
+
 def canonical_json(value: Any) -> str:
     """JSON with sorted keys and no whitespace; bytes become hex, datetimes epoch seconds."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default
-    )
+    return _CANONICAL.encode(value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -200,7 +207,7 @@ def seal_with_text(event: AuditEvent, *, seq: int, prev_hash: bytes) -> tuple[Au
         # the text back), so the hashed body can be put together around it instead of encoding the
         # details twice more. Non-string keys (JSON turns 10 and 2 into "10" < "2") take the long way.
         def string(value: str | None) -> str:
-            return "null" if value is None else json.dumps(value, ensure_ascii=False)
+            return "null" if value is None else _json_string(value)  # type: ignore[no-any-return]
 
         body = (f'{{"actor":{string(event.actor)},"details":{text},"kind":{string(kind)},"seq":{seq},'
                 f'"subject":{string(event.subject)},"tenant":{string(event.tenant)},"time":{epoch}}}')

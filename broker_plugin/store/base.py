@@ -129,6 +129,8 @@ class CertificateKind(enum.StrEnum):
 
 
 def _aware(value: dt.datetime | None, name: str, *, optional: bool = False) -> dt.datetime | None:
+    if type(value) is dt.datetime and value.tzinfo is dt.UTC:  # the common case: already what is stored
+        return value
     if value is None and optional:
         return None
     if not isinstance(value, dt.datetime) or value.tzinfo is None or value.utcoffset() is None:
@@ -197,8 +199,10 @@ class CertificateRecord:
             raise ValueError("status_list_id and status_index go together")
         if self.status_index is not None and (self.status_index < 0 or self.status_list_id < 0):  # type: ignore[operator]
             raise ValueError("status list id and index must be >= 0")
-        object.__setattr__(self, "kind", CertificateKind(self.kind))
-        object.__setattr__(self, "status", CertificateStatus(self.status))
+        if type(self.kind) is not CertificateKind:
+            object.__setattr__(self, "kind", CertificateKind(self.kind))
+        if type(self.status) is not CertificateStatus:
+            object.__setattr__(self, "status", CertificateStatus(self.status))
         if self.revocation_reason is not None:
             RevocationReason(self.revocation_reason)
 
