@@ -7,6 +7,7 @@ from .blocking import BlockingDeviceClient
 from .certstore import CertStore, CertStoreError, PendingRequest, RotationRejected, Slot
 from .client import BootstrapCredentials, DeviceClient, Event, NoReply, NotEnrolled, ProfileStatus, RecoveryWindowPassed
 from .enroll import BootstrapExpiring, InvalidCertificate, build_csr, check_bootstrap, validate_certificate, verify_chain
+from .feed import FeedFollower, follow_feed
 from .keystore import FileKeyStore, KeyStore, KeyStoreError, Pkcs11KeyStore
 from .revcache import FeedRejected, RevocationCache, RevocationStatus, StatusUnknown, trust_broker_acl
 from .transport import (
@@ -30,6 +31,7 @@ __all__ = [
     "ConnectionRefused",
     "DeviceClient",
     "Event",
+    "FeedFollower",
     "FeedRejected",
     "FileKeyStore",
     "IncomingMessage",
@@ -55,6 +57,7 @@ __all__ = [
     "TransportError",
     "build_csr",
     "check_bootstrap",
+    "follow_feed",
     "trust_broker_acl",
     "validate_certificate",
     "verify_chain",

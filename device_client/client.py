@@ -44,7 +44,16 @@ from cryptography.x509.oid import NameOID
 from protocol import codec, topics
 from protocol.codes import ErrorCode, Profile
 from protocol.errors import CertmqError, DecodeError, RequestRejected
-from protocol.messages import CertificateIssued, CertificateRequest, Error, Message, ProvisioningParameters, RenewalRequest
+from protocol.messages import (
+    CertificateIssued,
+    CertificateRequest,
+    Error,
+    Message,
+    ProvisioningParameters,
+    RenewalRequest,
+    RevocationSnapshot,
+    SnapshotRequest,
+)
 from protocol.renewal import DEFAULT_POLICY, RandomSource, RenewalPolicy, next_attempt, renewal_time
 
 from .certstore import CertStore, PendingRequest, RotationRejected, Slot
@@ -190,6 +199,8 @@ class DeviceClient:
         self.on_message = on_message
         self.connected_as: str | None = None  #: "bootstrap", or the profile label of the slot in use
         self._waiters: dict[bytes, asyncio.Future[Message]] = {}
+        # RevocationSnapshot carries no request id: replies to SnapshotRequests are matched in order
+        self._snapshot_waiters: list[asyncio.Future[Message]] = []
         self._reader: asyncio.Task[None] | None = None
         self._generation = 0
         self._subscriptions: list[str] = []
@@ -305,7 +316,7 @@ class DeviceClient:
         except TransportError as exc:
             if generation == self._generation:
                 self.connected_as = None
-                for fut in self._waiters.values():
+                for fut in [*self._waiters.values(), *self._snapshot_waiters]:
                     if not fut.done():
                         fut.set_exception(TransportError(f"connection lost while waiting for a reply: {exc}"))
 
@@ -324,6 +335,11 @@ class DeviceClient:
             if fut is not None and not fut.done() and isinstance(message, (CertificateIssued, Error)):
                 fut.set_result(message)
                 return
+            if isinstance(message, RevocationSnapshot) and parsed.kind.name == "DEVICE_RESPONSE":
+                waiting = [f for f in self._snapshot_waiters if not f.done()]
+                if waiting:
+                    waiting[0].set_result(message)
+                    return
         if self.on_message is not None:
             try:
                 self.on_message(incoming)
@@ -349,6 +365,38 @@ class DeviceClient:
         if isinstance(reply, Error):
             raise RequestRejected(reply.code, reply.text, retry_after=reply.retry_after)
         assert isinstance(reply, CertificateIssued)
+        return reply
+
+    async def request_snapshot(self, list_id: int | None = None) -> RevocationSnapshot:
+        """Ask the CA for the current snapshot of status list ``list_id`` (default: this device's own).
+
+        Sends a SnapshotRequest on the device's request topic, authenticated by its identity
+        certificate, and returns the RevocationSnapshot sent back on its reply topic. Raises
+        ``RequestRejected`` for an Error reply, ``NoReply`` after ``reply_timeout``. One attempt:
+        the caller (e.g. :func:`device_client.feed.follow_feed`) decides about retrying.
+        """
+        request = SnapshotRequest(request_id=self.token_bytes(16), list_id=list_id)
+        await self.ensure_connected()
+        loop = asyncio.get_running_loop()
+        snap: asyncio.Future[Message] = loop.create_future()
+        self._snapshot_waiters.append(snap)
+        self._waiters[request.request_id] = error = loop.create_future()
+        try:
+            await self.transport.publish(topics.device_request_topic(self.tenant, self.device_id), codec.encode(request))
+            done, _ = await asyncio.wait({snap, error}, timeout=self.reply_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                raise NoReply(f"no snapshot within {self.reply_timeout} s")
+            reply = next(iter(done)).result()
+        finally:
+            self._waiters.pop(request.request_id, None)
+            self._snapshot_waiters.remove(snap)
+            for fut in (snap, error):
+                if not fut.done():
+                    fut.cancel()
+        if isinstance(reply, Error):
+            raise RequestRejected(reply.code, reply.text, retry_after=reply.retry_after)
+        assert isinstance(reply, RevocationSnapshot)
         return reply
 
     async def _with_retries(self, profile: Profile, attempt: Callable[[], Awaitable[CertificateIssued]],
