@@ -193,16 +193,38 @@ def _str_keys_only(value: Any) -> bool:
     return True
 
 
+def _flat_details(raw: dict[Any, Any]) -> dict[str, Any] | None:
+    """``raw`` already in the form JSON gives back (sorted str keys; str, int, bool and None values,
+    bytes as hex, datetimes as epoch seconds) when it is that simple -- the CA core's details
+    are -- else None. The result equals ``json.loads(canonical_json(raw))``."""
+    out: dict[str, Any] = {}
+    for key in sorted(raw) if all(type(k) is str for k in raw) else ():
+        value = raw[key]
+        kind = type(value)
+        if kind is str or kind is int or kind is bool or value is None:
+            out[key] = value
+        elif kind is bytes or kind is dt.datetime:
+            out[key] = _json_default(value)
+        else:
+            return None
+    return out if len(out) == len(raw) else None
+
+
 def seal_with_text(event: AuditEvent, *, seq: int, prev_hash: bytes) -> tuple[AuditEntry, str]:
     """:func:`seal`, also returning ``canonical_json(entry.details)``: the text a registry stores."""
     if len(prev_hash) != 32:
         raise ValueError("prev_hash must be 32 bytes")
     raw = dict(event.details)
-    text = canonical_json(raw)
-    details = json.loads(text)
     epoch = int(event.time.timestamp())
     kind = str(event.kind)
-    if _str_keys_only(raw) and type(seq) is int:
+    flat = _flat_details(raw)
+    if flat is not None:
+        text = canonical_json(flat)
+        details: Any = flat
+    else:
+        text = canonical_json(raw)
+        details = json.loads(text)
+    if (flat is not None or _str_keys_only(raw)) and type(seq) is int:
         # With string keys only, canonical JSON is a fixed point (re-encoding the parsed text gives
         # the text back), so the hashed body can be put together around it instead of encoding the
         # details twice more. Non-string keys (JSON turns 10 and 2 into "10" < "2") take the long way.
