@@ -181,7 +181,7 @@ class Feed:
 
     async def _read(self) -> None:
         async for m in self.client.messages:
-            self.got.append((str(m.topic), bytes(m.payload)))  # type: ignore[arg-type]
+            self.got.append((str(m.topic), bytes(m.payload)))
             self._event.set()
 
     async def wait_for(self, pred: Callable[[list[tuple[str, bytes]]], bool], timeout: float = 5.0) -> None:

@@ -40,7 +40,7 @@ class Recorder:
 
 
 def publisher(ca: Ca, **kw: Any) -> tuple[FeedPublisher, Recorder]:
-    keys = {t: a.key for t, a in ca.service._authorities.items()}  # noqa: SLF001
+    keys: dict[str, Any] = {t: a.key for t, a in ca.service._authorities.items()}  # noqa: SLF001
     rec = Recorder({feedsig.key_id(k.public_key()): k.public_key() for k in keys.values()})
     kw.setdefault("snapshot_min_interval", 0.0)
     return FeedPublisher(registry=ca.registry, keys=keys, publish=rec, clock=now, **kw), rec

@@ -1,6 +1,6 @@
 """Regions end to end through the service (provisioning parameter, claim policy region, tenant
-default, factory issuance), status lists per (tenant, region) rolled over by the service when full, and per-region X.509
-CRL shards written by ``certmq ca crl --region`` and checked by the openssl CLI."""
+default, factory issuance), status lists per (tenant, region) rolled over by the service when
+full, and per-region X.509 CRL shards written by ``certmq ca crl --region``, checked by openssl."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -58,7 +59,7 @@ async def provision(ca: Ca, claim_cert: x509.Certificate, device_id: str, region
     return x509.load_der_x509_certificate(issued.certificate)
 
 
-async def claim(ca: Ca, claim_id: str, **policy: object) -> x509.Certificate:
+async def claim(ca: Ca, claim_id: str, **policy: Any) -> x509.Certificate:
     """Register a claim and issue its bootstrap certificate."""
     await ca.service.register_claim(tenant="acme", claim_id=claim_id, actor="t", policy=ClaimPolicy(
         max_uses=5, not_after=now() + dt.timedelta(days=3), pattern="sensor-*", **policy))

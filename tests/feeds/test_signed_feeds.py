@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -49,7 +50,7 @@ async def revoke(plugin: CertmqPlugin, creds: Creds, reason: RevocationReason = 
     await plugin.revoke(tenant="acme", reason=reason, actor="feeds-tests", serial=creds.serial)
 
 
-async def test_signed_per_list_deltas_across_a_roll_over(make_broker, ca: Ca, tmp_path: Path) -> None:
+async def test_signed_per_list_deltas_across_a_roll_over(make_broker: Any, ca: Ca, tmp_path: Path) -> None:
     """Ten eu certificates fill list 1 (8 slots) and roll over to list 2. Revocations alternate
     between the lists; each list's deltas chain on their own (from = the list's previous to) so a
     validator applies all of them with no gap, and every message is a COSE_Sign1 (never bare)."""
@@ -81,7 +82,7 @@ async def test_signed_per_list_deltas_across_a_roll_over(make_broker, ca: Ca, tm
     assert status == [RevocationStatus.REVOKED if i in revoked else RevocationStatus.GOOD for i in range(10)]
 
 
-async def test_bursts_are_coalesced_with_the_reason_rule(make_broker, ca: Ca, tmp_path: Path) -> None:
+async def test_bursts_are_coalesced_with_the_reason_rule(make_broker: Any, ca: Ca, tmp_path: Path) -> None:
     """Concurrent revocations become fewer deltas than revocations (one per list per <= 50 ms
     window); same reasons keep theirs, mixed reasons say unspecified. The retained snapshot is
     refreshed afterwards, so a late validator learns everything from it alone."""
@@ -119,7 +120,7 @@ async def test_bursts_are_coalesced_with_the_reason_rule(make_broker, ca: Ca, tm
         RevocationStatus.REVOKED if i in revoked else RevocationStatus.GOOD for i in range(10)]
 
 
-async def test_forged_and_unsigned_feed_messages_are_refused(make_broker, ca: Ca, tmp_path: Path) -> None:
+async def test_forged_and_unsigned_feed_messages_are_refused(make_broker: Any, ca: Ca, tmp_path: Path) -> None:
     """An in-process broadcast (past the ACL) of an unsigned delta, a delta signed by another
     tenant's CA, one signed by a random key, and a forged all-revoked snapshot: the validator
     receives each and refuses each; its lists and its state file do not change."""
@@ -162,7 +163,7 @@ async def test_forged_and_unsigned_feed_messages_are_refused(make_broker, ca: Ca
     assert rc.lists[1].bits == held
 
 
-async def test_gap_recovers_from_the_retained_snapshot(make_broker, ca: Ca, tmp_path: Path) -> None:
+async def test_gap_recovers_from_the_retained_snapshot(make_broker: Any, ca: Ca, tmp_path: Path) -> None:
     """A validator that misses a delta sees the gap on the next one, marks the list stale, asks
     for a snapshot; re-subscribing to the list's retained snapshot brings it back, current."""
     devs = [await ca.mint("acme", f"sensor-{i}") for i in range(3)]
@@ -201,7 +202,7 @@ async def test_gap_recovers_from_the_retained_snapshot(make_broker, ca: Ca, tmp_
     assert [rc.status(d.certificate) for d in devs[:2]] == [RevocationStatus.REVOKED] * 2
 
 
-async def test_validator_survives_a_broker_restart(make_broker, ca: Ca, tmp_path: Path) -> None:
+async def test_validator_survives_a_broker_restart(make_broker: Any, ca: Ca, tmp_path: Path) -> None:
     """The cache persists; while the broker is down a revocation is committed by another process;
     the restarted broker publishes fresh signed snapshots at start, and the next delta chains on."""
     devs = [await ca.mint("acme", f"sensor-{i}") for i in range(3)]
@@ -232,7 +233,7 @@ async def test_validator_survives_a_broker_restart(make_broker, ca: Ca, tmp_path
     assert rc.lists[1].sequence == 2
 
 
-async def test_revoke_kicks_within_a_second_and_the_validator_knows(make_broker, ca: Ca, tmp_path: Path) -> None:
+async def test_revoke_kicks_within_a_second_and_the_validator_knows(make_broker: Any, ca: Ca, tmp_path: Path) -> None:
     """Revoke: the device's live session closes in < 1 s, the validator holds the signed delta in
     < 1 s, and the device cannot reconnect."""
     dev, gw = await ca.mint("acme", "sensor-kick"), await ca.mint("acme", "gateway-1")
