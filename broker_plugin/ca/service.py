@@ -523,7 +523,13 @@ class CAService:
         ))
 
     async def _replay(self, identity: Identity, request_id: bytes, fingerprint: bytes) -> CertificateRecord | None:
-        found = await self._registry.find_request(identity.tenant, identity.key, request_id)
+        return self._replayed(await self._registry.find_request(identity.tenant, identity.key, request_id),
+                              request_id, fingerprint)
+
+    @staticmethod
+    def _replayed(
+        found: tuple[bytes, CertificateRecord] | None, request_id: bytes, fingerprint: bytes
+    ) -> CertificateRecord | None:
         if found is None:
             return None
         if found[0] != fingerprint:
@@ -587,7 +593,10 @@ class CAService:
                                 f"provisioning names device {prov.device_id!r} on the topic of {device_id!r}")
         region_asked = prov.region if prov is not None else None
         fingerprint = _fingerprint(int(message.TYPE), int(message.profile), message.csr, device_id, region_asked)
-        done = await self._replay(identity, message.request_id, fingerprint)
+        found, live = await self._registry.find_request_or_live(
+            identity.tenant, identity.key, message.request_id, device_id
+        )
+        done = self._replayed(found, message.request_id, fingerprint)
         if done is not None:
             return self._issued(done, message.request_id, reply_topic)
         # A batch's requests through one claim credential read (and validate) its policy once:
@@ -607,7 +616,6 @@ class CAService:
         if uses >= policy.max_uses:
             raise PolicyRefusal(ErrorCode.CLAIM_REFUSED,
                                 f"claim {identity.name!r} has used all {policy.max_uses} of its uses")
-        live = await self._registry.certificates_for_device(identity.tenant, device_id, active_only=True)
         if any(r.kind in _DEVICE_KINDS for r in live):
             raise PolicyRefusal(ErrorCode.CLAIM_REFUSED,
                                 f"device {device_id!r} is already provisioned; revoke its certificates first")
