@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
+import functools
 import enum
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -468,6 +469,13 @@ def _cert(row: Any) -> CertificateRecord:
     )
 
 
+@functools.lru_cache(maxsize=256)
+def _values_placeholders(rows: int, width: int) -> str:
+    """``($1, $2), ($3, $4)`` for a multi-row VALUES of ``rows`` x ``width`` (the same few shapes
+    recur batch after batch)."""
+    return ", ".join("(" + ", ".join(f"${i * width + j + 1}" for j in range(width)) + ")" for i in range(rows))
+
+
 def _cert_row(record: CertificateRecord) -> tuple[Any, ...]:
     # The values of _CERT_COLS for a newly issued (active) certificate.
     return (
@@ -683,9 +691,7 @@ class Registry(abc.ABC):
         step = max(1, _MAX_PARAMS // max(width, 1))
         for start in range(0, len(rows), step):
             chunk = rows[start:start + step]
-            values = ", ".join(
-                "(" + ", ".join(f"${i * width + j + 1}" for j in range(width)) + ")" for i in range(len(chunk))
-            )
+            values = _values_placeholders(len(chunk), width)
             args = [v for row in chunk for v in row]
             out.extend(await tx.fetch(
                 f"INSERT INTO {table} ({columns}) VALUES {values} ON CONFLICT DO NOTHING RETURNING {returning}",
