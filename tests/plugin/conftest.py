@@ -9,7 +9,7 @@ import contextlib
 import datetime as dt
 import os
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from broker_plugin.ca.signing import InlineSigner
 from broker_plugin.plugin import CertmqPlugin
 from broker_plugin.server import broker_config, ensure_server_certificate, tls_context
 from broker_plugin.store.base import CertificateKind
+from protocol import feedsig
 from protocol.codec import decode
 from protocol.codes import Profile
 from protocol.messages import Message
@@ -177,11 +178,26 @@ def client(broker: HardenedBroker, creds: Creds, *, client_id: str | None = None
                           tls_context=tls(creds, trust=trust), keepalive=30, timeout=5)
 
 
-async def next_message(c: aiomqtt.Client, timeout: float = 10.0) -> tuple[str, Message]:
-    """The next message ``c`` receives, decoded (``TimeoutError`` if none comes)."""
+def feed_keys(ca: "Ca", tenant: str) -> dict[bytes, Any]:
+    """kid -> public key of ``tenant``'s issuing CA: what a validator trusts for signed feeds."""
+    issuing = x509.load_pem_x509_certificates(ca.chain(tenant).read_bytes())[0]
+    return {feedsig.key_id(issuing.public_key()): issuing.public_key()}
+
+
+async def next_message(c: aiomqtt.Client, timeout: float = 10.0, *,
+                       feed_keys: Mapping[bytes, Any] | None = None) -> tuple[str, Message]:
+    """The next message ``c`` receives, decoded (``TimeoutError`` if none comes).
+
+    Revocation feeds (``.../rev/...``) are signed COSE_Sign1: with ``feed_keys`` the signature is
+    verified (``protocol.feedsig.open_feed``); without, only unwrapped (the feeds tests verify)."""
     async def first() -> tuple[str, Message]:
         async for m in c.messages:
-            return str(m.topic), decode(bytes(m.payload))  # type: ignore[arg-type]
+            topic, payload = str(m.topic), bytes(m.payload)  # type: ignore[arg-type]
+            if "/rev/" in topic:
+                if feed_keys is not None:
+                    return topic, feedsig.open_feed(payload, feed_keys)
+                return topic, decode(feedsig.decode_signed(payload).payload)
+            return topic, decode(payload)
         raise AssertionError("message stream ended")
 
     return await asyncio.wait_for(first(), timeout)
