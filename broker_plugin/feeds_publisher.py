@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from protocol import codec, feedsig, statuslist
 from protocol.codes import RevocationReason
 from protocol.messages import MAX_INDICES, RevocationDelta, RevocationSnapshot
-from protocol.topics import delta_topic, snapshot_topic
+from protocol.topics import delta_topic, list_snapshot_topic, snapshot_topic
 
 from .store.base import Registry, StatusDelta
 
@@ -61,11 +61,6 @@ Publish = Callable[[str, bytes, bool], Awaitable[None]]
 """``publish(topic, payload, retain)``: put one message on the broker (retained when asked)."""
 
 _HASH = {feedsig.ALG_ES256: hashes.SHA256, feedsig.ALG_ES384: hashes.SHA384}
-
-
-def list_snapshot_topic(tenant: str, region: str, list_id: int) -> str:
-    """``certmq/v1/{tenant}/rev/{region}/snapshot/{list_id}``: one list's retained snapshot."""
-    return f"{snapshot_topic(tenant, region)}/{int(list_id)}"
 
 
 class FeedSigner:

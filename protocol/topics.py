@@ -13,6 +13,7 @@ device response                       ``certmq/v1/{tenant}/dev/{device_id}/res``
 provisioning request (bootstrap)      ``certmq/v1/{tenant}/prov/{device_id}/req``
 provisioning response                 ``certmq/v1/{tenant}/prov/{device_id}/res``
 revocation snapshot (retained)        ``certmq/v1/{tenant}/rev/{region}/snapshot``
+  ... of one status list (retained)     ``certmq/v1/{tenant}/rev/{region}/snapshot/{list_id}``
 revocation delta stream               ``certmq/v1/{tenant}/rev/{region}/delta``
 operator request                      ``certmq/v1/{tenant}/ops/{operator_id}/req``
 operator response                     ``certmq/v1/{tenant}/ops/{operator_id}/res``
@@ -57,6 +58,7 @@ __all__ = [
     "response_topic_for",
     "shared",
     "snapshot_topic",
+    "list_snapshot_topic",
     "validate_identifier",
 ]
 
@@ -79,6 +81,7 @@ _MAX_TOPIC_CHARS: Final = len(PREFIX) + 2 * MAX_IDENTIFIER_BYTES + 32
 
 _DEV, _PROV, _REV, _OPS = "dev", "prov", "rev", "ops"
 _REQ, _RES, _SNAPSHOT, _DELTA = "req", "res", "snapshot", "delta"
+_MAX_LIST_ID: Final = 2**32 - 1
 
 
 def _show(value: object) -> str:
@@ -169,8 +172,23 @@ def provisioning_response_topic(tenant: str, device_id: str) -> str:
 
 
 def snapshot_topic(tenant: str, region: str) -> str:
-    """``certmq/v1/{tenant}/rev/{region}/snapshot``: the retained revocation snapshot."""
+    """``certmq/v1/{tenant}/rev/{region}/snapshot``: the retained snapshot of the region's newest list."""
     return f"{PREFIX}/{_tenant(tenant)}/{_REV}/{_region(region)}/{_SNAPSHOT}"
+
+
+def list_snapshot_topic(tenant: str, region: str, list_id: int) -> str:
+    """``certmq/v1/{tenant}/rev/{region}/snapshot/{list_id}``: the retained snapshot of one list.
+
+    MQTT retains one message per topic, so a region with several status lists
+    keeps one snapshot per list here. ``list_id`` is written in decimal.
+    """
+    return f"{snapshot_topic(tenant, region)}/{_list_id(list_id)}"
+
+
+def _list_id(value: object) -> int:
+    if type(value) is not int or not 0 <= value <= _MAX_LIST_ID:
+        raise LocalProtocolError(f"list id must be an integer in 0..{_MAX_LIST_ID}, not {_show(value)}")
+    return value
 
 
 def delta_topic(tenant: str, region: str) -> str:
@@ -296,6 +314,8 @@ class ParsedTopic:
     device_id: str | None = None
     region: str | None = None
     operator_id: str | None = None
+    #: only on a per-list revocation snapshot topic (``.../snapshot/{list_id}``)
+    list_id: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, TopicKind):
@@ -319,6 +339,10 @@ class ParsedTopic:
             _region(self.region)
         if self.operator_id is not None:
             _operator(self.operator_id)
+        if self.list_id is not None:
+            if self.kind is not TopicKind.REVOCATION_SNAPSHOT:
+                raise LocalProtocolError(f"a {self.kind.value} topic has no list_id")
+            _list_id(self.list_id)
 
     @property
     def topic(self) -> str:
@@ -327,7 +351,8 @@ class ParsedTopic:
             return findings_topic(self.tenant)
         namespace, last = _LAYOUT[self.kind]
         ident = self.device_id or self.region or self.operator_id
-        return f"{PREFIX}/{self.tenant}/{namespace}/{ident}/{last}"
+        suffix = "" if self.list_id is None else f"/{self.list_id}"
+        return f"{PREFIX}/{self.tenant}/{namespace}/{ident}/{last}{suffix}"
 
 
 def parse_topic(topic: str) -> ParsedTopic:
@@ -347,6 +372,14 @@ def parse_topic(topic: str) -> ParsedTopic:
     try:
         if len(levels) == 3 and levels[1:] == [_OPS, FINDINGS]:
             return ParsedTopic(kind=TopicKind.OPERATOR_FINDINGS, tenant=levels[0])
+        if len(levels) == 5 and levels[1] == _REV and levels[3] == _SNAPSHOT:
+            number = levels[4]
+            # Canonical decimal only, so every list has exactly one topic.
+            if not (number.isascii() and number.isdigit()) or (number != "0" and number.startswith("0")) \
+                    or len(number) > 10 or int(number) > _MAX_LIST_ID:
+                raise TopicError(f"not a certmq topic (bad list id {number[:12]!r}): {_show(topic)}")
+            return ParsedTopic(kind=TopicKind.REVOCATION_SNAPSHOT, tenant=levels[0], region=levels[2],
+                               list_id=int(number))
         if len(levels) != 4:
             raise TopicError(f"not a certmq topic (wrong number of levels): {_show(topic)}")
         tenant, namespace, ident, last = levels

@@ -351,3 +351,31 @@ def test_module_stays_sans_io() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert not imported & {"asyncio", "socket", "time", "random", "secrets", "os", "amqtt", "aiomqtt", "paho"}
+
+
+# --- per-list snapshot topics (one retained snapshot per status list) -------------------
+
+
+def test_list_snapshot_topic_round_trips() -> None:
+    from protocol.topics import list_snapshot_topic
+
+    topic = list_snapshot_topic("acme", "eu-west", 7)
+    assert topic == "certmq/v1/acme/rev/eu-west/snapshot/7"
+    parsed = parse_topic(topic)
+    assert parsed.kind is TopicKind.REVOCATION_SNAPSHOT and parsed.region == "eu-west" and parsed.list_id == 7
+    assert parsed.topic == topic
+    assert parse_topic("certmq/v1/acme/rev/eu-west/snapshot").list_id is None
+
+
+@pytest.mark.parametrize("bad", ["07", "-1", "x", "", "4294967296", "1.0", "٣"])
+def test_list_snapshot_topic_refuses_non_canonical_list_ids(bad: str) -> None:
+    with pytest.raises(TopicError):
+        parse_topic(f"certmq/v1/acme/rev/eu/snapshot/{bad}")
+
+
+@pytest.mark.parametrize("bad", [-1, 2**32, "3", True])
+def test_list_snapshot_topic_builder_refuses_bad_list_ids(bad: object) -> None:
+    from protocol.topics import list_snapshot_topic
+
+    with pytest.raises(LocalProtocolError):
+        list_snapshot_topic("acme", "eu", bad)  # type: ignore[arg-type]
