@@ -103,7 +103,7 @@ class AdmissionQueue(Generic[T]):
 
     def __init__(self, *, capacity: int = 2000, busy_retry: float = 5.0, rate: float = 0.2, burst: int = 3,
                  clock: Callable[[], float] = time.monotonic, rng: Callable[[], float] = random.random,
-                 busy_retry_max: float = 600.0) -> None:
+                 busy_retry_max: float = 60.0) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError("capacity must be an int >= 1")
         if not busy_retry > 0:
