@@ -411,7 +411,10 @@ class CAService:
                                                         "internal error; retry later", p.topic, now)
                 continue
             for p, slot in zip(members, slots):
-                p.job = dataclasses.replace(p.job, status_position=slot)
+                job = p.job  # spelled out: dataclasses.replace walks the fields every time
+                p.job = SignJob(tenant=job.tenant, device_id=job.device_id, profile=job.profile, serial=job.serial,
+                                not_before=job.not_before, csr_der=job.csr_der, public_key_der=job.public_key_der,
+                                status_position=slot, region=job.region, capabilities=job.capabilities)
         return refused
 
     def _reply_topic(self, identity: Identity, parsed: ParsedTopic | None) -> str | None:
