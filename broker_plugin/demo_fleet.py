@@ -234,7 +234,7 @@ class BrokerProcess:
         self.ready_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "broker_plugin.cli", "broker", "--data", str(self.datadir), "--port", "0",
                "--passphrase-file", str(self.passphrase_file), "--workers", str(self.workers),
-               "--health-interval", "0", "--ready-file", str(self.ready_file)]
+               "--health-interval", "0", "--burst", "8", "--ready-file", str(self.ready_file)]
         log = self.log_path.open("wb")
         try:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -427,6 +427,7 @@ class RevocationTrace:
     validators_s: tuple[float | None, ...]  #: each validator's cache answering REVOKED
     reconnect_refused: bool
     reconnect_detail: str
+    error: str = ""  #: the operator's Error reply, if the revocation was refused
 
 
 class Operator:
@@ -494,14 +495,24 @@ async def revoke_and_watch(operator: Operator, device: FleetDevice, validators: 
     start = time.monotonic()
     fut = await operator.send_revocation(current.serial)
     result_s = kicked_s = None
+    error = ""
     seen: list[float | None] = [None] * len(validators)
     deadline = start + timeout
     while time.monotonic() < deadline:
         now = time.monotonic() - start
         if result_s is None and fut.done():
-            result_s = now if isinstance(fut.result(), RevocationResult) else None
-            if isinstance(fut.result(), Error):
+            reply = fut.result()
+            if isinstance(reply, Error) and reply.retry_after is not None and reply.retry_after <= timeout:
+                # BUSY / RATE_LIMITED: the operator waits as told and asks again; the clock restarts
+                await asyncio.sleep(reply.retry_after)
+                start = time.monotonic()
+                deadline = start + timeout
+                fut = await operator.send_revocation(current.serial)
+                continue
+            if isinstance(reply, Error):
+                error = f"{reply.code!r}: {reply.text}"
                 break
+            result_s = now
         if kicked_s is None and device.client.connected_as is None:
             kicked_s = now
         for i, v in enumerate(validators):
@@ -521,4 +532,5 @@ async def revoke_and_watch(operator: Operator, device: FleetDevice, validators: 
     with contextlib.suppress(Exception):
         await device.client.close()
     return RevocationTrace(device_id=device.device_id, serial=current.serial, result_s=result_s, kicked_s=kicked_s,
-                           validators_s=tuple(seen), reconnect_refused=refused, reconnect_detail=detail)
+                           validators_s=tuple(seen), reconnect_refused=refused, reconnect_detail=detail,
+                           error=error)
