@@ -343,7 +343,7 @@ class FleetDevice:
             try:
                 await self.client.enroll()
             except ConnectionRefused as exc:
-                # the previous device of this line may still hold the claim's client id for a moment
+                # the broker may not have processed the previous session of this client id yet
                 self.error = f"{type(exc).__name__}: {exc}"
                 await asyncio.sleep(0.2 * (attempt + 1))
                 continue

@@ -17,13 +17,6 @@ def certmq(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([CERTMQ, *args], capture_output=True, text=True, timeout=120)
 
 
-def test_demo_runs_to_a_clean_summary() -> None:
-    result = certmq("demo", "--devices", "5", "--revoke", "2")
-    assert result.returncode == 0, result.stderr + result.stdout
-    assert "5 / 5" in result.stdout
-    assert "OK" in result.stdout  # openssl verify of an issued certificate
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [
