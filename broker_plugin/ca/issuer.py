@@ -323,9 +323,9 @@ class Issuer:
         # (profile, key class) -> (profile policy, keyUsage ext, EKU ext or None): only accepted keys.
         self._profiles: dict[tuple[Profile, object], tuple[ProfilePolicy, x509.Extension[x509.ExtensionType],
                                                             x509.Extension[x509.ExtensionType] | None]] = {}
-        # region (None: no region) -> (region ext or None, CRL DP ext or None)
-        self._regions: dict[str | None, tuple[x509.Extension[x509.ExtensionType] | None,
-                                              x509.Extension[x509.ExtensionType] | None]] = {}
+        # region (None: no region) -> CRL DP extension (None: no CRL); region -> region extension
+        self._crl_exts: dict[str | None, x509.Extension[x509.ExtensionType] | None] = {}
+        self._region_exts: dict[str, x509.Extension[x509.ExtensionType]] = {}
         self._capabilities: dict[tuple[str, ...], x509.Extension[x509.ExtensionType]] = {}
 
     @property
@@ -360,27 +360,30 @@ class Issuer:
             self._profiles[(profile, key_class)] = parts
         return parts
 
-    def _region_parts(
-        self, region: str | None
-    ) -> tuple[x509.Extension[x509.ExtensionType] | None, x509.Extension[x509.ExtensionType] | None]:
-        cached = self._regions.get(region)
-        if cached is not None:
-            return cached
-        region_ext = None
-        if region is not None:
-            validate_identifier(region, what="region")
-            region_ext = _ext(_custom(extensions.REGION_OID, extensions.encode_region(region)), False)
+    def _crl_ext(self, region: str | None) -> x509.Extension[x509.ExtensionType] | None:
+        if region in self._crl_exts:
+            return self._crl_exts[region]
         crl_url = self._crl_url if self._crl_url is not None else self._policy.crl_url_for(region)
-        crl_ext = None
+        ext = None
         if crl_url is not None:
             point = x509.DistributionPoint(
                 full_name=[x509.UniformResourceIdentifier(crl_url)], relative_name=None, reasons=None, crl_issuer=None
             )
-            crl_ext = _ext(x509.CRLDistributionPoints([point]), False)
-        if len(self._regions) >= 4096:  # regions are few; a caller inventing them must not grow this forever
-            self._regions.clear()
-        self._regions[region] = (region_ext, crl_ext)
-        return region_ext, crl_ext
+            ext = _ext(x509.CRLDistributionPoints([point]), False)
+        if len(self._crl_exts) >= 4096:  # regions are few; a caller inventing them must not grow this forever
+            self._crl_exts.clear()
+        self._crl_exts[region] = ext
+        return ext
+
+    def _region_ext(self, region: str) -> x509.Extension[x509.ExtensionType]:
+        ext = self._region_exts.get(region)
+        if ext is None:
+            validate_identifier(region, what="region")
+            ext = _ext(_custom(extensions.REGION_OID, extensions.encode_region(region)), False)
+            if len(self._region_exts) >= 4096:
+                self._region_exts.clear()
+            self._region_exts[region] = ext
+        return ext
 
     def _capabilities_ext(self, capabilities: tuple[str, ...]) -> x509.Extension[x509.ExtensionType]:
         cached = self._capabilities.get(capabilities)
@@ -452,7 +455,7 @@ class Issuer:
             region = self._policy.default_region
         if capabilities is None:
             capabilities = profile_policy.capabilities
-        region_ext, crl_ext = self._region_parts(region)
+        crl_ext = self._crl_ext(region)
 
         spki, ski = _spki_and_ski(public_key)
         urn = (self._urn_prefix + device_id if _PLAIN_ID.fullmatch(device_id)
@@ -478,8 +481,8 @@ class Issuer:
                                      extensions.encode_status_position(list_id, index)), False))
         if capabilities:
             exts.append(self._capabilities_ext(tuple(capabilities)))
-        if region_ext is not None:
-            exts.append(region_ext)
+        if region is not None:
+            exts.append(self._region_ext(region))
         # The builder's setters would re-check what is checked above (and add_extension scans for
         # duplicates on every call); the constructor takes the finished parts.
         builder = x509.CertificateBuilder(
