@@ -106,6 +106,11 @@ def _principal(identity: Any) -> Any:
     return getattr(identity, "principal", identity)
 
 
+def _names(identity: Any, client_id: str) -> bool:
+    """True when ``identity``'s own name is ``client_id`` (it is that client id's rightful owner)."""
+    return getattr(identity, "name", None) == client_id
+
+
 def default_identity(certificate: x509.Certificate) -> PeerIdentity | None:
     """Identity = the certificate's (single) commonName; ``None`` (refuse) without one."""
     names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
@@ -400,8 +405,18 @@ class HardenedBroker(Broker):
         async with self._register_lock:
             owner = self._identities.get(client_id)
             if owner is not None and _principal(owner) != _principal(identity):
-                await self._refuse(writer, f"client id {client_id!r} belongs to another identity")
-                return
+                # A client id whose session another certificate holds. Its rightful owner (the
+                # identity *named* by the client id, e.g. a device reconnecting with its new
+                # certificate after a claim credential provisioned it under its id) takes it over
+                # with a fresh session; nobody else ever gets it, live or not.
+                if not _names(identity, client_id) or _names(owner, client_id):
+                    await self._refuse(writer, f"client id {client_id!r} belongs to another identity")
+                    return
+                _log.warning("client id %s: %r replaces %r's session", client_id, identity, owner)
+                stale = self._live.get(client_id)
+                if stale is not None:
+                    await self._close(stale, suppress_will=True)
+                await self._delete_session(client_id)
             if not await self._authenticate(incoming, self.listeners_config[listener_name]):
                 await self._refuse(writer, "refused by an authentication plugin")
                 return

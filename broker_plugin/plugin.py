@@ -374,8 +374,19 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
 
     @staticmethod
     def client_id_matches(identity: Any, client_id: str) -> bool:
-        """The client-id hook: the client id must be the identity's name (device, claim or operator id)."""
-        return isinstance(identity, acl.SessionIdentity) and client_id == identity.name
+        """The client-id hook: the client id must be the identity's name (device, claim or operator id).
+
+        A claim (bootstrap) credential serves a whole production line, so it may also connect under
+        any device id its claim allows: devices enrolling side by side with one claim certificate
+        then have sessions of their own instead of taking each other's over (and replies, which go
+        to the requesting session, reach the right device). Session ownership still belongs to the
+        certificate's principal, so this can never resume or take over an operational device's session.
+        """
+        if not isinstance(identity, acl.SessionIdentity):
+            return False
+        if client_id == identity.name:
+            return True
+        return identity.kind is IdentityKind.BOOTSTRAP and identity.claim is not None and identity.claim.allows(client_id)
 
     # -- requests -----------------------------------------------------------------------------
 

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.x509.oid import NameOID
 
 from protocol import codec, topics
 from protocol.codes import ErrorCode, Profile
@@ -260,14 +259,14 @@ class DeviceClient:
 
             assert self.bootstrap.key_path is not None
             key = load_pem_private_key(Path(self.bootstrap.key_path).read_bytes(), password=None)
-        # The broker binds the MQTT client id to the authenticating certificate's name: for a
-        # bootstrap certificate that is the claim id (its CN), not the device id being claimed.
-        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        client_id = str(names[0].value) if names else self.device_id
+        # The broker binds the MQTT client id to the certificate; a claim certificate may also use
+        # any device id its claim allows. Using our own device id keeps devices that share one claim
+        # certificate on a production line from taking over each other's session.
+        client_id = self.device_id
         creds = ClientCredentials(
             client_id=client_id, certificate=cert, private_key=key,
             cert_path=Path(self.bootstrap.cert_path), key_path=self.bootstrap.key_path,
-            ca_certificates=self.ca_bundle,
+            ca_certificates=self.ca_bundle, clean_session=True,
         )
         return creds, cert
 

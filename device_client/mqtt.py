@@ -200,7 +200,8 @@ class AiomqttTransport:
         loop = asyncio.get_running_loop()
         early: asyncio.Future[BaseException] = loop.create_future()
         client = _client_class()(self.hostname, self.port, identifier=credentials.client_id, tls_context=ctx,
-                                 clean_session=self.clean_session, keepalive=self.keepalive, timeout=self.timeout,
+                                 clean_session=self.clean_session if credentials.clean_session is None else credentials.clean_session,
+                                 keepalive=self.keepalive, timeout=self.timeout,
                                  logger=_alert_logger(loop, early))
         client.certmq_early = early
         stack = contextlib.AsyncExitStack()

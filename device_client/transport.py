@@ -73,6 +73,9 @@ class ClientCredentials:
     key_path: Path | None = None
     ca_certificates: tuple[x509.Certificate, ...] = ()
     ca_path: Path | None = None
+    #: ``None``: the transport's own setting. Bootstrap connections ask for a clean session so
+    #: that nothing of the claim credential's session outlives provisioning under the device's id.
+    clean_session: bool | None = None
 
     def leaf(self) -> x509.Certificate | None:
         """The client certificate, loading it from ``cert_path`` when only the path was given."""

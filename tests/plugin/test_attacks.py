@@ -6,6 +6,8 @@ import os
 
 import aiomqtt
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from protocol.codec import encode
 from protocol.codes import ErrorCode, Profile
@@ -117,3 +119,52 @@ async def test_replies_reach_only_the_requesting_session(make_broker, ca: Ca) ->
         assert topic == "certmq/v1/acme/dev/alice/res" and isinstance(reply, CertificateIssued)
         await no_message(e, 1.0)
         await no_message(a, 0.2)
+
+
+async def test_devices_sharing_a_claim_enroll_side_by_side(make_broker, ca: Ca) -> None:
+    """Two devices of one production line share a claim certificate and enroll at the same time,
+    each under the device id it claims as MQTT client id: neither session takes over the other, and
+    each reply reaches the device that asked. The claim certificate cannot use a client id its
+    claim does not allow (stopped by the client-id hook: CONNACK 5), nor an operational device's
+    id to take over that device's session (session ownership belongs to the certificate)."""
+    broker = await make_broker()
+    claim = await ca.claim("acme", "line-7")
+    async with client(broker, claim, client_id="sensor-a") as a, client(broker, claim, client_id="sensor-b") as b:
+        rids = {}
+        for c, device in ((a, "sensor-a"), (b, "sensor-b")):
+            await c.subscribe(f"certmq/v1/acme/prov/{device}/res", qos=1)
+            _, csr = make_csr(device)
+            rids[device] = os.urandom(16)
+            await c.publish(f"certmq/v1/acme/prov/{device}/req", encode(CertificateRequest(
+                request_id=rids[device], profile=Profile.IDENTITY, csr=csr)), qos=1)
+        for c, device in ((a, "sensor-a"), (b, "sensor-b")):
+            topic, reply = await next_message(c)
+            assert topic == f"certmq/v1/acme/prov/{device}/res"
+            assert isinstance(reply, CertificateIssued) and reply.request_id == rids[device]
+            cn = x509.load_der_x509_certificate(reply.certificate).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            assert cn[0].value == device
+    with pytest.raises(aiomqtt.MqttError):
+        async with client(broker, claim, client_id="pump-1"):  # outside the claim's sensor-* pattern
+            pass
+    live = await ca.mint("acme", "sensor-live")
+    async with client(broker, live) as owner:
+        with pytest.raises(aiomqtt.MqttError):
+            async with client(broker, claim, client_id="sensor-live"):
+                pass
+        await owner.publish("certmq/v1/acme/dev/sensor-live/app/x", b"still here", qos=0)  # not taken over
+
+
+async def test_a_device_always_wins_its_own_client_id(make_broker, ca: Ca) -> None:
+    """A claim session holding client id sensor-c (it provisioned sensor-c) must not lock the real
+    sensor-c out: the device's own certificate, whose name *is* the client id, takes the id over
+    with a fresh session and the claim session is closed. The reverse never happens (previous test)."""
+    broker = await make_broker()
+    claim = await ca.claim("acme", "line-8")
+    device = await ca.mint("acme", "sensor-c")
+    async with client(broker, claim, client_id="sensor-c") as squatter:
+        async with client(broker, device) as owner:
+            await owner.subscribe("certmq/v1/acme/dev/sensor-c/res", qos=1)
+            with pytest.raises(aiomqtt.MqttError):
+                async for _ in squatter.messages:  # closed by the broker
+                    pass
+        assert broker.identity_of("sensor-c") is None or broker.identity_of("sensor-c").name == "sensor-c"
