@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DemoConfig", "configure", "run"]
+__all__ = ["DemoConfig", "DemoRun", "configure", "run"]
 
 #: Default and ``--quick`` shapes: certificate lifetime, renewal window, production lines, revocations.
 _DEFAULT = {"devices": 500, "lifetime": 240, "window": (0.05, 0.2), "lines": 16, "revoke": 5}
@@ -241,7 +241,6 @@ class DemoRun:
 
         cfg = self.config
         root = work / "devices"
-        claims = {cid: setup.gateway_claim for cid in setup.gateway_ids}
         for gid in setup.gateway_ids:
             device = fleet.FleetDevice.make(device_id=gid, root=root, setup=setup, port=port,
                                             bootstrap=setup.gateway_claim, reply_timeout=20)
@@ -251,7 +250,6 @@ class DemoRun:
             await validator.subscribe()
             device.start_agent()
             self.validators.append(validator)
-        del claims
         self.out.print(f"[green]✓[/] {len(self.validators)} validators (gateways) provisioned, their revocation "
                        f"caches subscribed to the signed feed certmq/v1/{fleet.TENANT}/rev/{fleet.REGION}/#")
 
