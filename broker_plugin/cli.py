@@ -16,7 +16,7 @@ __all__ = ["COMMANDS", "main"]
 
 #: name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("broker_plugin.demo", "run the demo: encode, issue and decode real certificates, print sizes"),
+    "demo": ("broker_plugin.demo", "run the demo: a broker and a simulated fleet get, renew and lose real certificates over MQTT/TLS"),
     "device": ("device_client.cli", "device keys, CSRs and certificates: keygen, csr, import, status"),
     "simulate": ("broker_plugin.simulate", "renewal load per day for a fleet, with and without staggering (PNG)"),
     "ca": ("broker_plugin.ca.cli", "operate the CA: init tenants, policies, claims, factory signing, revoke, CRLs"),
