@@ -192,6 +192,21 @@ class _TaskSet:
         return bool(self._items)
 
 
+class _FairReader(StreamReaderAdapter):
+    """Yields to the event loop before each one-byte read, i.e. at every MQTT packet's fixed header.
+
+    amqtt's reader loop handles every packet already buffered for a connection before it lets
+    another run: a client with thousands of PUBLISHes queued (a storm) then holds the loop for
+    all of them while one unrelated client's packet waits. Yielding per packet serves the
+    connections in turn and leaves the backlog in the socket buffers (TCP backpressure).
+    """
+
+    async def read(self, n: int = -1) -> bytes:
+        if n == 1:
+            await asyncio.sleep(0)
+        return await super().read(n)
+
+
 def _abort(writer: WriterAdapter) -> None:
     if isinstance(writer, StreamWriterAdapter):
         transport = writer._writer.transport  # noqa: SLF001 - amqtt exposes no abort
@@ -351,6 +366,8 @@ class HardenedBroker(Broker):
         server = self._servers.get(listener_name)
         if server is None:
             raise BrokerError(f"Invalid listener name '{listener_name}'")
+        if type(reader) is StreamReaderAdapter:
+            reader = _FairReader(reader._reader)  # noqa: SLF001
         await server.acquire_connection()
         try:
             await self._serve(listener_name, server, reader, writer)
