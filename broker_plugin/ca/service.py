@@ -168,6 +168,25 @@ def _parse_topic(topic: str) -> ParsedTopic:
     return parsed
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _ClaimDraft:
+    """A claim request checked as far as it can be without the registry."""
+
+    identity: Identity
+    message: CertificateRequest
+    reply_topic: str | None
+    topic: str
+    device_id: str
+    region_asked: str | None
+    fingerprint: bytes
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    # Mark a shared lookup's exception as seen: its users got it, or did not need it.
+    if not future.cancelled():
+        future.exception()
+
+
 def _whole_seconds(value: dt.datetime) -> dt.datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("the service clock must return aware datetimes")
@@ -364,9 +383,33 @@ class CAService:
         """
         now = self._now()
         claims: dict[tuple[str, str], asyncio.Future[tuple[ClaimPolicy | None, int]]] = {}
-        prepared = await asyncio.gather(*(
-            self._prepare(ident, topic, payload, now, claims) for ident, topic, payload in items
-        ))
+        # Claim requests that pass every check made before the registry is asked (a provisioning
+        # storm: nearly all of them) share one registry read and need no task each; the rest are
+        # prepared one coroutine each, side by side.
+        plain: list[int] = []
+        drafts: list[_ClaimDraft] = []
+        others: list[int] = []
+        for index, (ident, topic, payload) in enumerate(items):
+            draft = self._plain_claim(ident, topic, payload, now)
+            if draft is None:
+                others.append(index)
+            else:
+                plain.append(index)
+                drafts.append(draft)
+        prepared: list[Outcome | _Pending] = [None] * len(items)  # type: ignore[list-item]
+
+        async def prepare_plain() -> None:
+            if drafts:
+                for index, done in zip(plain, await self._plain_claims(drafts, now, claims)):
+                    prepared[index] = done
+
+        async def prepare_others() -> None:
+            if others:
+                done = await asyncio.gather(*(self._prepare(*items[i], now, claims) for i in others))
+                for index, outcome in zip(others, done):
+                    prepared[index] = outcome
+
+        await asyncio.gather(prepare_plain(), prepare_others())
         pending = [p for p in prepared if isinstance(p, _Pending)]
         finished: dict[int, Outcome] = {}
         if pending:
@@ -588,6 +631,21 @@ class CAService:
         topic: str, now: dt.datetime,
         claims: dict[tuple[str, str], asyncio.Future[tuple[ClaimPolicy | None, int]]],
     ) -> Outcome | _Pending:
+        draft = self._claim_draft(identity, parsed, message, reply_topic, topic)
+        found, live = await self._registry.find_request_or_live(
+            identity.tenant, identity.key, message.request_id, draft.device_id
+        )
+        done = self._replayed(found, message.request_id, draft.fingerprint)
+        if done is not None:
+            return self._issued(done, message.request_id, reply_topic)
+        policy, uses = await self._claim_lookup(identity, claims)
+        return self._claim_decide(draft, policy, uses, live, now)
+
+    @staticmethod
+    def _claim_draft(
+        identity: Identity, parsed: ParsedTopic, message: CertificateRequest, reply_topic: str | None, topic: str,
+    ) -> _ClaimDraft:
+        """What a claim request asks for, checked as far as it can be without the registry."""
         device_id = parsed.device_id
         assert device_id is not None
         prov = message.provisioning
@@ -596,19 +654,26 @@ class CAService:
                                 f"provisioning names device {prov.device_id!r} on the topic of {device_id!r}")
         region_asked = prov.region if prov is not None else None
         fingerprint = _fingerprint(int(message.TYPE), int(message.profile), message.csr, device_id, region_asked)
-        found, live = await self._registry.find_request_or_live(
-            identity.tenant, identity.key, message.request_id, device_id
-        )
-        done = self._replayed(found, message.request_id, fingerprint)
-        if done is not None:
-            return self._issued(done, message.request_id, reply_topic)
+        return _ClaimDraft(identity=identity, message=message, reply_topic=reply_topic, topic=topic,
+                           device_id=device_id, region_asked=region_asked, fingerprint=fingerprint)
+
+    def _claim_lookup(
+        self, identity: Identity, claims: dict[tuple[str, str], asyncio.Future[tuple[ClaimPolicy | None, int]]],
+    ) -> asyncio.Future[tuple[ClaimPolicy | None, int]]:
         # A batch's requests through one claim credential read (and validate) its policy once:
         # they would all have read it in the same snapshot anyway; the commit still counts uses.
         key = (identity.tenant, identity.name)
         lookup = claims.get(key)
         if lookup is None:
             lookup = claims[key] = asyncio.ensure_future(self._claim_policy(identity.tenant, identity.name))
-        policy, uses = await lookup
+        return lookup
+
+    def _claim_decide(
+        self, draft: _ClaimDraft, policy: ClaimPolicy | None, uses: int, live: Sequence[CertificateRecord],
+        now: dt.datetime,
+    ) -> _Pending:
+        """The rest of a claim once its registry lookups are in (no replay): refuse or issue."""
+        identity, message, device_id = draft.identity, draft.message, draft.device_id
         if policy is None:
             raise PolicyRefusal(ErrorCode.CLAIM_REFUSED, f"no claim policy is registered for {identity.name!r}")
         if policy.expired(now):
@@ -622,15 +687,73 @@ class CAService:
         if any(r.kind in _DEVICE_KINDS for r in live):
             raise PolicyRefusal(ErrorCode.CLAIM_REFUSED,
                                 f"device {device_id!r} is already provisioned; revoke its certificates first")
-        region = self._region(identity.tenant, region_asked, policy.region)
+        region = self._region(identity.tenant, draft.region_asked, policy.region)
         return _Pending(
-            identity=identity, reply_topic=reply_topic, topic=topic, request_id=message.request_id,
+            identity=identity, reply_topic=draft.reply_topic, topic=draft.topic, request_id=message.request_id,
             job=self._job(identity.tenant, device_id, message.profile, region, None, now, csr=message.csr),
             kind=CertificateKind.OPERATIONAL, region=region,
-            request=RequestKey(identity=identity.key, request_id=message.request_id, fingerprint=fingerprint),
+            request=RequestKey(identity=identity.key, request_id=message.request_id, fingerprint=draft.fingerprint),
             claim=ClaimSpend(claim_id=identity.name, max_uses=policy.max_uses),
             audit_kind=AuditKind.CLAIM, actor=identity.key,
         )
+
+    def _plain_claim(self, identity: Identity, topic: str, payload: bytes, now: dt.datetime) -> _ClaimDraft | None:
+        """The draft of a claim request that passes every check made before the registry is asked,
+        else None: anything unusual (refusals included) goes the ordinary way, :meth:`_prepare`,
+        which repeats these checks and answers it. Nothing here has side effects."""
+        if identity.kind is not IdentityKind.BOOTSTRAP:
+            return None
+        try:
+            parsed = _parse_topic(topic)
+            message = decode(payload)
+            if not isinstance(message, CertificateRequest):
+                return None
+            self._authorize(identity, parsed, message, now)
+            return self._claim_draft(identity, parsed, message, self._reply_topic(identity, parsed), topic)
+        except Exception:
+            return None
+
+    async def _plain_claims(
+        self, drafts: list[_ClaimDraft], now: dt.datetime,
+        claims: dict[tuple[str, str], asyncio.Future[tuple[ClaimPolicy | None, int]]],
+    ) -> list[Outcome | _Pending]:
+        """:meth:`_claim` for many requests at once: their request-key and live-certificate lookups
+        in one registry read, and no task per request. Outcomes as :meth:`_prepare` gives them."""
+        lookups = [(d.identity.tenant, d.identity.key, d.message.request_id, d.device_id) for d in drafts]
+        policies = [self._claim_lookup(d.identity, claims) for d in drafts]
+        failure: Exception | None = None
+        try:
+            reads = await self._registry.find_requests_or_live(lookups)
+        except Exception as exc:  # every request of the read gets what _prepare gives a registry fault
+            failure = exc
+        out: list[Outcome | _Pending | None] = []
+        refusals: dict[int, Any] = {}
+        for index, (draft, policy_lookup) in enumerate(zip(drafts, policies)):
+            identity, request_id = draft.identity, draft.message.request_id
+            try:
+                if failure is not None:
+                    raise failure
+                found, live = reads[index]
+                done = self._replayed(found, request_id, draft.fingerprint)
+                if done is not None:
+                    out.append(self._issued(done, request_id, draft.reply_topic))
+                    continue
+                policy, uses = await policy_lookup
+                out.append(self._claim_decide(draft, policy, uses, live, now))
+                continue
+            except PolicyRefusal as refusal:
+                refusals[index] = self._refuse(identity, draft.reply_topic, request_id, refusal.code, refusal.text,
+                                               draft.topic, now)
+            except Exception:
+                log.exception("request of %s on %s failed", identity.key, draft.topic)
+                refusals[index] = self._refuse(identity, draft.reply_topic, request_id, ErrorCode.INTERNAL,
+                                               "internal error; retry later", draft.topic, now)
+            out.append(None)
+        for lookup in set(policies):  # not awaited when every request was a replay or the read failed
+            lookup.add_done_callback(_retrieve)
+        for index, outcome in zip(refusals, await asyncio.gather(*refusals.values())):
+            out[index] = outcome
+        return out  # type: ignore[return-value]
 
     async def _claim_policy(self, tenant: str, claim_id: str) -> tuple[ClaimPolicy | None, int]:
         """The stored policy of a claim credential (None if there is none) and its uses so far;

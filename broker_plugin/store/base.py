@@ -608,18 +608,31 @@ class Registry(abc.ABC):
         """:meth:`find_request`, and when there is no such request also the device's active
         certificates (``certificates_for_device(tenant, device_id, active_only=True)``), read in
         one snapshot: the two lookups of a claim, in one trip to the database instead of two."""
+        return await self._run(lambda tx: self._request_or_live(tx, tenant, identity, request_id, device_id),
+                               write=False)
 
-        async def body(tx: Tx) -> tuple[tuple[bytes, CertificateRecord] | None, list[CertificateRecord]]:
-            found = await self._find_request(tx, tenant, identity, request_id)
-            if found is not None:
-                return found, []
-            rows = await tx.fetch(
-                f"SELECT {_CERT_COLS} FROM certificates WHERE tenant = $1 AND device_id = $2"
-                " AND status = 'active' ORDER BY issued_at, serial", tenant, device_id,
-            )
-            return None, [_cert(r) for r in rows]
+    async def find_requests_or_live(
+        self, lookups: Sequence[tuple[str, str, bytes, str]]
+    ) -> list[tuple[tuple[bytes, CertificateRecord] | None, list[CertificateRecord]]]:
+        """:meth:`find_request_or_live` for many ``(tenant, identity, request_id, device_id)`` at
+        once, in one read: a batch of claims."""
+
+        async def body(tx: Tx) -> list[tuple[tuple[bytes, CertificateRecord] | None, list[CertificateRecord]]]:
+            return [await self._request_or_live(tx, *lookup) for lookup in lookups]
 
         return await self._run(body, write=False)
+
+    async def _request_or_live(
+        self, tx: Tx, tenant: str, identity: str, request_id: bytes, device_id: str
+    ) -> tuple[tuple[bytes, CertificateRecord] | None, list[CertificateRecord]]:
+        found = await self._find_request(tx, tenant, identity, request_id)
+        if found is not None:
+            return found, []
+        rows = await tx.fetch(
+            f"SELECT {_CERT_COLS} FROM certificates WHERE tenant = $1 AND device_id = $2"
+            " AND status = 'active' ORDER BY issued_at, serial", tenant, device_id,
+        )
+        return None, [_cert(r) for r in rows]
 
     async def _find_request(
         self, tx: Tx, tenant: str, identity: str, request_id: bytes
