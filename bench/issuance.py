@@ -5,7 +5,11 @@ Run: ``./dev bench issuance`` (or ``.venv/bin/python bench/issuance.py [--n 2000
 All in the same run, on the same pre-generated P-256 CSRs:
 
 (a) **raw**: ``load CSR + verify its signature + build + sign`` with straight cryptography calls,
-    one process, a certificate with the same extensions certmq puts in (no registry);
+    one process, no registry, building the SAME certificate certmq issues: subject O=tenant,
+    CN=device, the CA's issuer name, the identity profile's validity, a 159-bit serial, and
+    basicConstraints, keyUsage, SKI, AKI, SAN URI, EKU, CRL distribution point (when the tenant
+    publishes CRLs), certmq's status-position extension (and capabilities / region extensions
+    when the tenant's policy gives any), in certmq's order (see :func:`raw_rate`);
 (b) **core, one process**: :class:`~broker_plugin.ca.service.CAService` with
     :class:`~broker_plugin.ca.signing.InlineSigner` on a SQLite registry in a temp dir, fed real
     ``CertificateRequest`` payloads from a bootstrap (claim) credential (decode, authorise, claim
@@ -21,7 +25,10 @@ Each P-256 raw and core figure is the best of ``--repeat`` runs (other work on a
 ever slows a run down). ``CERTMQ_BENCH_BATCH`` / ``CERTMQ_BENCH_IN_FLIGHT`` change the batch size
 and the batches in flight.
 
-Prints absolute rates and the ratio core/raw (goal >= 0.8).
+Prints absolute rates and the ratio core/raw (goal >= 0.8); beside them the CPU time per
+certificate (raw; this process -- all its threads -- and the signing workers, from /proc) and
+the kernel's CPU pressure, because on a shared 2-core box other work moves wall-clock rates by
+tens of percent while CPU time per certificate moves far less.
 """
 
 from __future__ import annotations
@@ -152,6 +159,17 @@ async def signer_rate(authority: TenantAuthority, csrs: list[tuple[str, bytes]])
     if not all(r.ok for r in results):
         raise SystemExit(f"signer: refused {[r.refusal_text for r in results if not r.ok][:3]}")
     return len(jobs) / elapsed
+
+
+def cpu_pressure() -> str:
+    """The kernel's CPU pressure (PSI "some" avg10/avg60, %): how much runnable work waited for a
+    core -- other load on a shared box, which depresses every wall-clock rate here."""
+    try:
+        some = Path("/proc/pressure/cpu").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return "n/a"
+    fields = dict(f.split("=") for f in some[1:])
+    return f"{fields.get('avg10', '?')}/{fields.get('avg60', '?')}"
 
 
 def workers_cpu(signer: Any) -> float:
@@ -317,6 +335,7 @@ def report(core: dict[str, float], raw: float, raw_again: float, workers: int,
     ref = max(raw, raw_again)
     one = max(core["inline-batches"], core["inline-calls"])
     many = max(core["pool-batches"], core["pool-calls"])
+    print(f"CPU pressure at the end (PSI avg10/avg60 %): {cpu_pressure()}")
     print(f"core/raw (raw = best raw run, {ref:.0f}/s): one process {one / ref:.2f}, "
           f"{workers} workers {many / ref:.2f} (goal >= 0.8: "
           f"one process {'met' if one / ref >= 0.8 else 'MISSED'}, workers {'met' if many / ref >= 0.8 else 'MISSED'})")
@@ -350,7 +369,8 @@ async def main() -> int:
         acme = {"acme": authorities["acme"]}
         print(f"certmq issuance bench: n={args.n}, workers={args.workers}, CPUs={os.cpu_count()}, "
               f"batches of {BATCH} x {CONCURRENCY} in flight or {CALLERS} concurrent handle() calls, "
-              f"SQLite registry (WAL, synchronous=FULL)", flush=True)
+              f"SQLite registry (WAL, synchronous=FULL); CPU pressure (PSI avg10/avg60 %) {cpu_pressure()}",
+              flush=True)
         t = time.perf_counter()
         csrs = make_csrs(args.n)
         print(f"  (generated {args.n} P-256 device keys + CSRs in {time.perf_counter() - t:.1f} s, not counted)")
