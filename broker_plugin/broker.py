@@ -193,16 +193,25 @@ class _TaskSet:
 
 
 class _FairReader(StreamReaderAdapter):
-    """Yields to the event loop before each one-byte read, i.e. at every MQTT packet's fixed header.
+    """Yields to the event loop once per MQTT packet when more data is already buffered.
 
     amqtt's reader loop handles every packet already buffered for a connection before it lets
     another run: a client with thousands of PUBLISHes queued (a storm) then holds the loop for
-    all of them while one unrelated client's packet waits. Yielding per packet serves the
-    connections in turn and leaves the backlog in the socket buffers (TCP backpressure).
+    all of them while one unrelated client's packet waits. Yielding at a packet's fixed header
+    (its reads are one byte each; the body read re-arms) serves the connections in turn and
+    leaves the backlog in the socket buffers (TCP backpressure). With nothing buffered the read
+    suspends anyway, so an idle or lightly loaded connection pays nothing.
     """
 
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        super().__init__(reader)
+        self._armed = True
+
     async def read(self, n: int = -1) -> bytes:
-        if n == 1:
+        if n != 1:
+            self._armed = True
+        elif self._armed and self._reader._buffer:  # noqa: SLF001 - a backlog: let others run first
+            self._armed = False
             await asyncio.sleep(0)
         return await super().read(n)
 
