@@ -18,6 +18,11 @@ polled, in feed order per region) to :meth:`FeedPublisher.on_deltas`. The publis
   than ``snapshot_cost_factor`` times the time the previous one took, so a 16M-entry list cannot
   eat the CPU), and every ``snapshot_period`` seconds.
 
+**SnapshotRequest replies** (:meth:`FeedPublisher.signed_snapshots`): the signed snapshot of a
+list -- the very bytes retained on its ``snapshot/{list_id}`` topic -- once that snapshot is current
+(no delta published since; otherwise the reply waits for the refresh the deltas scheduled, so it
+never costs an extra snapshot build), for the plugin to send on the requester's ``res`` topic.
+
 A merged delta with more than ``MAX_INDICES`` (65,536) indices is not sent: the list's signed
 snapshot is published (retained and live) in its place, at the sequence the delta would have
 reached; subscribers on the snapshot topics apply it like any newer snapshot.
@@ -53,7 +58,7 @@ from protocol.topics import delta_topic, list_snapshot_topic, snapshot_topic
 
 from .store.base import Registry, StatusDelta
 
-__all__ = ["FeedPublisher", "FeedSigner", "Publish", "list_snapshot_topic"]
+__all__ = ["FeedPublisher", "FeedSigner", "Publish", "UnknownFeedList", "list_snapshot_topic"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,10 @@ Publish = Callable[[str, bytes, bool], Awaitable[None]]
 """``publish(topic, payload, retain)``: put one message on the broker (retained when asked)."""
 
 _HASH = {feedsig.ALG_ES256: hashes.SHA256, feedsig.ALG_ES384: hashes.SHA384}
+
+
+class UnknownFeedList(LookupError):
+    """The feed has no such status list (or the region no list at all, or the tenant no signer)."""
 
 
 class FeedSigner:
@@ -90,6 +99,8 @@ class _List:
     last_snapshot: float = 0.0  #: monotonic time of the last snapshot publish
     snapshot_cost: float = 0.0  #: seconds the last snapshot took to build and sign
     dirty: bool = False  #: deltas published since the last snapshot
+    payload: bytes | None = None  #: the signed snapshot last published (the retained copy)
+    published: asyncio.Future[None] | None = None  #: resolved at the next snapshot publish (waiters only)
 
 
 @dataclass
@@ -307,7 +318,56 @@ class FeedPublisher:
         lst.last_snapshot = time.monotonic()
         lst.snapshot_cost = lst.last_snapshot - started
         lst.dirty = lst.sequence > state.sequence
+        lst.payload = payload
         self.stats["snapshots"] += 1
+        if lst.published is not None:
+            if not lst.published.done():
+                lst.published.set_result(None)
+            lst.published = None
+
+    # -- SnapshotRequest replies ---------------------------------------------------------
+
+    async def signed_snapshots(self, tenant: str, region: str, list_id: int | None = None) -> list[bytes]:
+        """The signed snapshot of ``list_id`` (``None``: of every list of the region, by list id).
+
+        Each is the payload retained on ``snapshot/{list_id}``, current up to every delta published
+        before the call: when deltas went out since the list's last snapshot, this waits for the
+        refresh they scheduled (at most ``snapshot_min_interval`` or ``snapshot_cost_factor`` x the
+        last build) and builds one itself only if none came. Raises :class:`UnknownFeedList`.
+        """
+        if tenant not in self.signers:
+            raise UnknownFeedList(f"tenant {tenant!r} has no signed feed here")
+        reg = self._regions.get((tenant, region))
+        if reg is None or not reg.lists or (list_id is not None and list_id not in reg.lists):
+            await self.ensure(tenant, region)  # a list (or region) created since the last look
+            reg = self._regions.get((tenant, region))
+        if reg is None or not reg.lists:
+            raise UnknownFeedList(f"region {region!r} has no status list")
+        if list_id is not None and list_id not in reg.lists:
+            raise UnknownFeedList(f"region {region!r} has no status list {list_id}")
+        ids = sorted(reg.lists) if list_id is None else [list_id]
+        return [await self._current_snapshot(tenant, region, reg, i) for i in ids]
+
+    async def _current_snapshot(self, tenant: str, region: str, reg: _Region, list_id: int) -> bytes:
+        lst = reg.lists[list_id]
+        wait = max(self.snapshot_min_interval, self.snapshot_cost_factor * lst.snapshot_cost) + 1.0
+        deadline = time.monotonic() + wait
+        while lst.dirty or lst.payload is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if lst.published is None:
+                lst.published = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(lst.published), remaining)
+        if lst.dirty or lst.payload is None:
+            # No refresh came (it failed, or the list was never snapshotted): build one now.
+            async with self._lock:
+                if lst.dirty or lst.payload is None:
+                    await self._load_list(tenant, region, reg, list_id)
+        if lst.payload is None:
+            raise UnknownFeedList(f"status list {list_id} of region {region!r} has no snapshot")
+        return lst.payload
 
     def _maybe_snapshot(self, tenant: str, region: str, list_id: int) -> None:
         lst = self._regions[(tenant, region)].lists[list_id]

@@ -15,6 +15,10 @@ Load it from an amqtt config (``plugins: {broker_plugin.plugin.CertmqPlugin: {..
 * kicks every live session of a revoked certificate: revoked by a message through this broker,
   by :meth:`CertmqPlugin.revoke`, or by another process on the same registry (polled every
   ``revocation_poll`` seconds);
+* answers a SnapshotRequest (admitted through the same queue and rate limits) from the
+  :class:`~broker_plugin.feeds_publisher.FeedPublisher`, not the service: the signed snapshot of
+  the asked list of the requester's region (every list of it when no list id is given), the same
+  bytes retained on ``rev/{region}/snapshot/{list_id}``, sent to the requesting session only;
 * hands revocation deltas to :meth:`CertmqPlugin.on_deltas` callbacks and (``publish_feeds``)
   to a :class:`~broker_plugin.feeds_publisher.FeedPublisher`: signed (tenant CA, COSE_Sign1),
   coalesced deltas on ``rev/{region}/delta`` and retained signed snapshots per status list
@@ -56,14 +60,14 @@ from protocol.codec import decode, encode
 from protocol.codes import ErrorCode, Profile, RevocationReason
 from protocol.errors import CertmqError, DecodeError, TopicError
 from protocol.extensions import CAPABILITIES_OID, REGION_OID, decode_capabilities, decode_region
-from protocol.messages import Error
-from protocol.topics import PREFIX, ParsedTopic, parse_topic, response_topic_for
+from protocol.messages import Error, SnapshotRequest
+from protocol.topics import PREFIX, ParsedTopic, TopicKind, parse_topic, response_topic_for
 from protocol.topics import findings_topic
 
 from . import acl
 from .admission import AdmissionQueue
 from .broker import ConnectionInfo, HardenedBroker
-from .feeds_publisher import FeedPublisher
+from .feeds_publisher import FeedPublisher, UnknownFeedList
 from .health import FleetMonitor, HealthSettings, LiveSession
 from .metrics import BrokerMetrics
 from .ca import datadir as dd
@@ -80,6 +84,7 @@ DeltaCallback = Callable[[Sequence[StatusDelta]], "Awaitable[None] | None"]
 """Receives every batch of revocation deltas (local and polled), in feed order per region."""
 
 _SEEN_MARGIN = dt.timedelta(seconds=2)  # re-read this far back: another process's commit may lag its stamp
+_POLL_SLICE = 1000  # revocations a poll handles between yields to the event loop
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -424,6 +429,9 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
     async def _drain(self) -> None:
         while True:
             batch = await self.admission.take(self.config.batch_size)
+            batch = self._take_snapshot_requests(batch)
+            if not batch:
+                continue
             self.stats["batches"] += 1
             try:
                 outcomes = await self._handle(batch)
@@ -441,6 +449,74 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
                 if outcome.revoked or outcome.deltas:
                     await self._revoked(outcome.revoked, outcome.deltas,
                                         f"certificate revoked by {request.identity.principal}")
+
+    # A version-1 SnapshotRequest starts with these bytes (deterministic CBOR: map header, then
+    # keys 0 and 1 in order): a cheap sniff before decoding, so other requests are decoded once.
+    _SNAPSHOT_REQUEST_HEAD = bytes((0x00, 0x01, 0x01, 0x08))
+
+    def _take_snapshot_requests(self, batch: list[_Request]) -> list[_Request]:
+        """Answer the batch's SnapshotRequests from the feed publisher (each in its own task: a
+        reply may wait for a snapshot refresh); the rest go to the service."""
+        if self.feeds is None:
+            return batch
+        rest = []
+        for request in batch:
+            message = self._feed_snapshot_request(request)
+            if message is None:
+                rest.append(request)
+            else:
+                self._spawn(self._answer_snapshot_request(request, message))
+        return rest
+
+    def _feed_snapshot_request(self, request: _Request) -> SnapshotRequest | None:
+        # Only a request the service would accept; anything else (a claim credential, another
+        # tenant's topic, an expired certificate) goes to the service, which refuses and audits it.
+        ident, parsed = request.identity, request.parsed
+        if request.payload[1:5] != self._SNAPSHOT_REQUEST_HEAD or ident.recovery_only or parsed.tenant != ident.tenant:
+            return None
+        if not ((ident.kind is IdentityKind.DEVICE and parsed.kind is TopicKind.DEVICE_REQUEST
+                 and parsed.device_id == ident.name)
+                or (ident.kind is IdentityKind.OPERATOR and parsed.kind is TopicKind.OPERATOR_REQUEST
+                    and parsed.operator_id == ident.name)):
+            return None
+        ca = ident.ca_identity
+        if ca is not None and not ca.not_before <= self.clock() <= ca.not_after:
+            return None
+        try:
+            message = decode(request.payload)
+        except (DecodeError, CertmqError, ValueError):
+            return None
+        return message if isinstance(message, SnapshotRequest) else None
+
+    async def _answer_snapshot_request(self, request: _Request, message: SnapshotRequest) -> None:
+        topic = response_topic_for(request.parsed)
+        try:
+            replies = await self.snapshot_replies(request.identity, message.list_id)
+        except UnknownFeedList as exc:
+            replies = [encode(Error(code=ErrorCode.UNKNOWN_CERTIFICATE, text=str(exc)[:256],
+                                    request_id=message.request_id))]
+        except Exception:  # never lose a request silently
+            log.exception("SnapshotRequest of %s failed", request.identity.principal)
+            replies = [encode(Error(code=ErrorCode.INTERNAL, text="internal error; retry later",
+                                    request_id=message.request_id, retry_after=1))]
+        if self.metrics is not None:
+            self.metrics.observe_reply(tenant=request.identity.tenant, request=request.payload, reply=replies[0],
+                                       latency=time.monotonic() - request.admitted)
+        for payload in replies:
+            self._send(request.client_id, topic, payload)
+
+    async def snapshot_replies(self, identity: acl.SessionIdentity, list_id: int | None = None) -> list[bytes]:
+        """The replies to ``identity``'s SnapshotRequest: signed snapshots of its region's list
+        ``list_id`` (``None``: all its region's lists). The region is the certificate's region
+        extension, else the registry's record of the certificate, else the region-less feed.
+        Raises :class:`~broker_plugin.feeds_publisher.UnknownFeedList` (answered UNKNOWN_CERTIFICATE)."""
+        if self.feeds is None:
+            raise RuntimeError("signed feeds are off (publish_feeds: false)")
+        region = identity.region
+        if region is None:
+            record = await self.registry.get_certificate(identity.tenant, identity.serial)
+            region = record.region if record is not None and record.region else NO_REGION
+        return await self.feeds.signed_snapshots(identity.tenant, region, list_id)
 
     async def _handle(self, batch: list[_Request]) -> list[Outcome]:
         if self.config.echo:
@@ -613,11 +689,17 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
         for tenant in self.authorities:
             seen = self._seen.setdefault(tenant, {})
             mark = self._watermark.get(tenant) or self.clock().replace(microsecond=0)
-            entries = await self.registry.revoked_for_crl(tenant, since=mark - _SEEN_MARGIN)
-            new = [e for e in entries if e.serial not in seen]
-            for entry in entries:
+            # One read gives serials and regions (no lookup per serial: a mass revocation by another
+            # process is thousands per poll); the work is done in slices so the loop keeps serving.
+            entries = await self.registry.revocations_since(tenant, since=mark - _SEEN_MARGIN)
+            new = []
+            for i, entry in enumerate(entries):
+                if entry.serial not in seen:
+                    new.append(entry)
                 seen[entry.serial] = entry.revoked_at
                 mark = max(mark, entry.revoked_at)
+                if i % _POLL_SLICE == _POLL_SLICE - 1:
+                    await asyncio.sleep(0)
             self._watermark[tenant] = mark
             for serial in [s for s, at in seen.items() if at < mark - 2 * _SEEN_MARGIN]:
                 del seen[serial]
@@ -625,12 +707,10 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
                 continue
             found += len(new)
             started = time.monotonic()
-            await self._kick({(tenant, e.serial) for e in new}, "certificate revoked (registry)")
-            regions = set()
-            for entry in new:
-                record = await self.registry.get_certificate(tenant, entry.serial)
-                if record is not None:
-                    regions.add(record.region)
+            for i in range(0, len(new), _POLL_SLICE):
+                await self._kick({(tenant, e.serial) for e in new[i:i + _POLL_SLICE]}, "certificate revoked (registry)")
+                await asyncio.sleep(0)
+            regions = {e.region for e in new}
             for region in sorted(regions):
                 await self._catch_up(tenant, region)
             log.info("%d revocation(s) of tenant %s picked up from the registry in %.3f s", len(new), tenant,

@@ -40,7 +40,7 @@ from typing import Any
 
 from cryptography import x509
 
-from protocol import codec, topics
+from protocol import codec, extensions, feedsig, topics
 from protocol.codes import ErrorCode, Profile
 from protocol.errors import CertmqError, DecodeError, RequestRejected
 from protocol.messages import (
@@ -198,8 +198,8 @@ class DeviceClient:
         self.on_message = on_message
         self.connected_as: str | None = None  #: "bootstrap", or the profile label of the slot in use
         self._waiters: dict[bytes, asyncio.Future[Message]] = {}
-        # RevocationSnapshot carries no request id: replies to SnapshotRequests are matched in order
-        self._snapshot_waiters: list[asyncio.Future[Message]] = []
+        # A snapshot reply carries no request id: it is matched by list id (None: the first one)
+        self._snapshot_waiters: list[tuple[int | None, asyncio.Future[bytes | Message]]] = []
         self._reader: asyncio.Task[None] | None = None
         self._generation = 0
         self._subscriptions: list[str] = []
@@ -315,7 +315,7 @@ class DeviceClient:
         except TransportError as exc:
             if generation == self._generation:
                 self.connected_as = None
-                for fut in [*self._waiters.values(), *self._snapshot_waiters]:
+                for fut in [*self._waiters.values(), *(f for _, f in self._snapshot_waiters)]:
                     if not fut.done():
                         fut.set_exception(TransportError(f"connection lost while waiting for a reply: {exc}"))
 
@@ -323,7 +323,12 @@ class DeviceClient:
         parsed = None
         with contextlib.suppress(CertmqError):
             parsed = topics.parse_topic(incoming.topic)
-        if parsed is not None and parsed.kind.name in ("DEVICE_RESPONSE", "PROVISIONING_RESPONSE"):
+        if parsed is not None and parsed.kind.name == "DEVICE_RESPONSE" and incoming.payload[:1] == b"\x84":
+            # A COSE_Sign1 array, not a certmq message map: the signed snapshot answering a
+            # SnapshotRequest (wire format section 7). Its signature is the caller's to check.
+            if self._snapshot_reply(incoming.payload):
+                return
+        elif parsed is not None and parsed.kind.name in ("DEVICE_RESPONSE", "PROVISIONING_RESPONSE"):
             try:
                 message = codec.decode(incoming.payload)
             except DecodeError as exc:
@@ -335,15 +340,42 @@ class DeviceClient:
                 fut.set_result(message)
                 return
             if isinstance(message, RevocationSnapshot) and parsed.kind.name == "DEVICE_RESPONSE":
-                waiting = [f for f in self._snapshot_waiters if not f.done()]
-                if waiting:
-                    waiting[0].set_result(message)
+                if self._match_snapshot(message.list_id, message):
                     return
         if self.on_message is not None:
             try:
                 self.on_message(incoming)
             except Exception:  # a bad feed message must not stop the reader (and with it every reply)
                 log.exception("on_message failed for %s", incoming.topic)
+
+    def _snapshot_reply(self, payload: bytes) -> bool:
+        try:
+            inner = codec.decode(feedsig.decode_signed(payload).payload)
+        except (DecodeError, CertmqError) as exc:
+            log.warning("unreadable signed reply dropped: %s", exc)
+            return True
+        if not isinstance(inner, RevocationSnapshot):
+            log.warning("a signed %s on the reply topic dropped", type(inner).__name__)
+            return True
+        return self._match_snapshot(inner.list_id, payload)
+
+    def _match_snapshot(self, list_id: int, reply: bytes | Message) -> bool:
+        for wanted, fut in self._snapshot_waiters:
+            if not fut.done() and wanted in (None, list_id):
+                fut.set_result(reply)
+                return True
+        return False
+
+    def own_status_list(self) -> int | None:
+        """The status list id of the current identity certificate (its status-position extension), or None."""
+        slot = self.store.current(Profile.IDENTITY)
+        if slot is None:
+            return None
+        for ext in slot.certificate.extensions:
+            if ext.oid.dotted_string == extensions.STATUS_POSITION_OID and isinstance(ext.value, x509.UnrecognizedExtension):
+                with contextlib.suppress(DecodeError, CertmqError):
+                    return extensions.decode_status_position(ext.value.value)[0]
+        return None
 
     # -- one request -----------------------------------------------------------------
 
@@ -366,20 +398,29 @@ class DeviceClient:
         assert isinstance(reply, CertificateIssued)
         return reply
 
-    async def request_snapshot(self, list_id: int | None = None) -> RevocationSnapshot:
-        """Ask the CA for the current snapshot of status list ``list_id`` (default: this device's own).
+    async def request_snapshot(self, list_id: int | None = None) -> bytes | RevocationSnapshot:
+        """Ask the CA for the current snapshot of status list ``list_id`` of this device's region
+        (default: the list of its identity certificate's status position).
 
         Sends a SnapshotRequest on the device's request topic, authenticated by its identity
-        certificate, and returns the RevocationSnapshot sent back on its reply topic. Raises
-        ``RequestRejected`` for an Error reply, ``NoReply`` after ``reply_timeout``. One attempt:
-        the caller (e.g. :func:`device_client.feed.follow_feed`) decides about retrying.
+        certificate, and returns the reply from its reply topic: the **signed** snapshot (the
+        COSE_Sign1 bytes, exactly the retained feed message; check it with the feed verifier, e.g.
+        :meth:`RevocationCache.handle_snapshot_reply`), or a decoded, unsigned
+        :class:`RevocationSnapshot` from a CA that does not sign its replies (only a
+        ``trust_broker_acl`` cache takes that). Raises ``RequestRejected`` for an Error reply,
+        ``NoReply`` after ``reply_timeout``. One attempt: the caller (e.g.
+        :func:`device_client.feed.follow_feed`) decides about retrying.
         """
+        if list_id is None:
+            list_id = self.own_status_list()  # one list, one reply (without a list id: one per list)
         request = SnapshotRequest(request_id=self.token_bytes(16), list_id=list_id)
         await self.ensure_connected()
         loop = asyncio.get_running_loop()
-        snap: asyncio.Future[Message] = loop.create_future()
-        self._snapshot_waiters.append(snap)
-        self._waiters[request.request_id] = error = loop.create_future()
+        snap: asyncio.Future[bytes | Message] = loop.create_future()
+        waiter = (list_id, snap)
+        self._snapshot_waiters.append(waiter)
+        error: asyncio.Future[Message] = loop.create_future()
+        self._waiters[request.request_id] = error
         try:
             await self.transport.publish(topics.device_request_topic(self.tenant, self.device_id), codec.encode(request))
             done, _ = await asyncio.wait({snap, error}, timeout=self.reply_timeout,
@@ -389,13 +430,13 @@ class DeviceClient:
             reply = next(iter(done)).result()
         finally:
             self._waiters.pop(request.request_id, None)
-            self._snapshot_waiters.remove(snap)
+            self._snapshot_waiters.remove(waiter)
             for fut in (snap, error):
                 if not fut.done():
                     fut.cancel()
         if isinstance(reply, Error):
             raise RequestRejected(reply.code, reply.text, retry_after=reply.retry_after)
-        assert isinstance(reply, RevocationSnapshot)
+        assert isinstance(reply, (bytes, RevocationSnapshot))
         return reply
 
     async def _with_retries(self, profile: Profile, attempt: Callable[[], Awaitable[CertificateIssued]],

@@ -11,17 +11,17 @@
 :func:`follow_feed` subscribes the client to the region's delta topic and snapshot topics
 (``.../snapshot`` and ``.../snapshot/+``, one retained signed snapshot per list; kept across
 reconnects) and hands every feed message to :meth:`RevocationCache.handle`. It answers the cache's
-gap signal (``request_snapshot(list_id)``):
+gap signal (``request_snapshot(list_id)``) by sending a SnapshotRequest over MQTT
+(:meth:`DeviceClient.request_snapshot`) and applying the reply with
+:meth:`RevocationCache.handle_snapshot_reply`, which checks it with the cache's verifier: the
+broker answers with the list's signed snapshot (the retained feed message) on the device's own
+reply topic. Only when that fails (an Error, no reply, or a reply the cache refuses -- e.g. the
+unsigned reply of an older CA) does it fall back to subscribing to the list's retained snapshot
+topic again, which makes the broker re-send the retained signed snapshot.
 
-* with a verifier that requires signatures (:class:`~device_client.feedverify.SignedFeedVerifier`):
-  by subscribing to the list's retained snapshot topic again, which makes the broker re-send the
-  retained signed snapshot -- the CA's reply to a SnapshotRequest is not signed, so a signing
-  cache could not take it;
-* otherwise (``trust_broker_acl``, unsigned legacy feeds): by sending a SnapshotRequest over MQTT
-  (:meth:`DeviceClient.request_snapshot`) and applying the reply with
-  :meth:`RevocationCache.handle_snapshot_reply`.
-
-A feed message the cache refuses is logged and dropped; it never stops the client's reader.
+A signed snapshot arriving on the reply topic that no request waits for (a late reply, or one of
+the replies to a SnapshotRequest without list id) is handed to the cache too. A feed message the
+cache refuses is logged and dropped; it never stops the client's reader.
 
 This module knows the client and the cache, not the MQTT library or the feed's signature format
 (that is the cache's verifier).
@@ -33,6 +33,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
+from protocol import topics
 from protocol.errors import CertmqError
 
 from .client import DeviceClient
@@ -55,14 +56,20 @@ class FeedFollower:
     gaps: int = 0  #: times the cache asked for a snapshot (a gap in a list's deltas)
     resyncs: int = 0  #: snapshot fetches started and completed without error (see module doc)
     failed_resyncs: int = 0
+    resubscribes: int = 0  #: fallbacks to re-subscribing to a list's retained snapshot topic
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def on_message(self, incoming: IncomingMessage) -> None:
         """Route one received message: feed topics go to the cache, anything else is ignored here."""
-        if incoming.topic not in (self.cache.snapshot_topic, self.cache.delta_topic):
+        reply = incoming.topic == topics.device_response_topic(self.client.tenant, self.client.device_id)
+        if not reply and not self.cache.is_feed_topic(incoming.topic):
             return
+        if reply and incoming.payload[:1] != b"\x84":
+            return  # a certmq message (CertificateIssued, Error): not for the cache
         try:
-            if self.cache.handle(incoming.topic, incoming.payload):
+            changed = (self.cache.handle_snapshot_reply(incoming.payload) if reply
+                       else self.cache.handle(incoming.topic, incoming.payload))
+            if changed:
                 self.applied += 1
         except FeedRejected as exc:
             self.rejected += 1
@@ -77,16 +84,19 @@ class FeedFollower:
 
     async def _resync(self, list_id: int) -> None:
         try:
-            if getattr(self.cache.verifier, "requires_signature", False):
-                topic = self.cache.list_snapshot_topic(list_id)
-                await self.client.transport.subscribe(topic)  # re-delivers the retained signed snapshot
-            else:
-                snapshot = await self.client.request_snapshot(list_id)
-                self.cache.handle_snapshot_reply(snapshot)
-        except (CertmqError, OSError) as exc:  # the next gap asks again
-            self.failed_resyncs += 1
-            log.warning("snapshot request for list %d failed: %s", list_id, exc)
-            return
+            reply = await self.client.request_snapshot(list_id)
+            if self.cache.handle_snapshot_reply(reply):
+                self.applied += 1
+        except (CertmqError, OSError) as exc:
+            log.warning("snapshot request for list %d failed (%s): re-subscribing to its retained snapshot",
+                        list_id, exc)
+            try:
+                self.resubscribes += 1
+                await self.client.transport.subscribe(self.cache.list_snapshot_topic(list_id))
+            except (CertmqError, OSError) as again:  # the next gap asks again
+                self.failed_resyncs += 1
+                log.warning("re-subscribing for list %d failed: %s", list_id, again)
+                return
         self.resyncs += 1
 
 

@@ -28,10 +28,12 @@ choice for legacy unsigned feeds, not a silent one.
 
 Snapshots arrive on ``.../snapshot`` (the region's newest list) and
 ``.../snapshot/{list_id}`` (every list, retained). Gap recovery: the
-``request_snapshot(list_id)`` callback should re-subscribe to the list's
-retained snapshot topic (:meth:`RevocationCache.list_snapshot_topic`) or send
-a SnapshotRequest; a cache with a signature-checking verifier refuses the
-(unsigned) SnapshotRequest reply object and takes signed bytes only.
+``request_snapshot(list_id)`` callback should send a SnapshotRequest and give
+the reply to :meth:`RevocationCache.handle_snapshot_reply` -- the broker answers
+with the list's signed snapshot (a COSE_Sign1, the same bytes it retains), which
+goes through the verifier like any feed message -- or re-subscribe to the list's
+retained snapshot topic (:meth:`RevocationCache.list_snapshot_topic`). A cache
+with a signature-checking verifier refuses an unsigned (decoded) reply.
 
 State persists in one file (atomic replace) after every applied change, so a
 restart answers at once and resumes the feed from the held sequence.
@@ -125,6 +127,10 @@ class RevocationCache:
         """``.../rev/{region}/snapshot/{list_id}``: where list ``list_id``'s signed snapshot is retained."""
         return f"{self.snapshot_topic}/{int(list_id)}"
 
+    def is_feed_topic(self, topic: str) -> bool:
+        """Whether ``topic`` is one of this cache's feed topics (delta, snapshot, per-list snapshot)."""
+        return topic == self.delta_topic or self._is_snapshot_topic(topic)
+
     def _is_snapshot_topic(self, topic: str) -> bool:
         if topic == self.snapshot_topic:
             return True
@@ -194,8 +200,9 @@ class RevocationCache:
     def handle_snapshot_reply(self, message: RevocationSnapshot | bytes) -> bool:
         """Apply a snapshot that answered a SnapshotRequest (on the requester's own reply topic).
 
-        ``bytes`` go through the verifier like a feed message. A decoded (unsigned) snapshot is
-        refused with :class:`FeedRejected` when the verifier requires signatures.
+        ``bytes`` (the signed snapshot, COSE_Sign1) go through the verifier like a feed message;
+        anything but a verified snapshot is refused with :class:`FeedRejected`, nothing changes.
+        A decoded (unsigned) snapshot is refused when the verifier requires signatures.
         """
         if isinstance(message, (bytes, bytearray)):
             inner = self._verified(self.snapshot_topic, bytes(message))

@@ -1,12 +1,11 @@
 """The revocation cache fed by the real broker's feed topics through a DeviceClient over real TLS
 (device_client.feed.follow_feed): the retained snapshot, deltas from `certmq ca revoke` in another
 process and from plugin.revoke, a gap (one delta lost) resynced by a SnapshotRequest over MQTT
-answered by the CA on the device's reply topic, and persistence across a restart.
+answered on the device's reply topic, and persistence across a restart.
 
-Verifier: SignedFeedVerifier over the tenant chain -- the broker now publishes COSE_Sign1-signed
-feeds (broker_plugin.feeds_publisher). The CA's reply to a SnapshotRequest is NOT signed, so a
-signing cache resyncs from the retained per-list snapshot; SnapshotRequest over MQTT is tested on
-its own (the reply arrives, unsigned, and a signing cache refuses it)."""
+Verifier: SignedFeedVerifier over the tenant chain -- the broker publishes COSE_Sign1-signed
+feeds (broker_plugin.feeds_publisher), and answers a SnapshotRequest with the list's signed
+snapshot (the retained feed message), which the signing cache verifies and applies."""
 
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from device_client import FeedRejected, RevocationCache, RevocationStatus, trust_broker_acl
+from device_client import FeedRejected, RevocationCache, RevocationStatus
 from device_client.feedverify import SignedFeedVerifier
 from device_client.feed import follow_feed
 from device_client.transport import IncomingMessage
@@ -33,9 +32,9 @@ async def test_cache_follows_the_feed_and_resyncs_after_a_gap(
         broker: BrokerHandle, ca: Ca, datadir: Path, tmp_path: Path) -> None:
     """GOOD from the retained snapshot; REVOKED after `certmq ca revoke` (delta via the broker's
     registry poller) and after plugin.revoke (delta at once); with one delta lost, the next one is
-    a gap: the cache asks for a snapshot, the follower re-subscribes to the list's retained signed
-    snapshot, it is applied, the list is no longer stale and both revocations are seen; every feed
-    message passed the signature check; a new cache on the same file answers at once."""
+    a gap: the cache asks for a snapshot, the follower sends a SnapshotRequest and applies the
+    signed reply (no re-subscribe), the list is no longer stale and both revocations are seen;
+    every feed message passed the signature check; a new cache on the same file answers at once."""
     gateway = await enrolled(tmp_path, broker, ca, "gateway-1")
     a, b, c, d = [await ca.mint(f"sensor-v{i}") for i in range(4)]
     verifier = SignedFeedVerifier(certificates=ca.chain)
@@ -77,11 +76,13 @@ async def test_cache_follows_the_feed_and_resyncs_after_a_gap(
         assert cache.status(c.certificate) is RevocationStatus.GOOD  # it never arrived
         await broker.plugin.revoke(tenant=TENANT, reason=RevocationReason.SUPERSEDED, actor="test", serial=d.serial)
         await wait_for(lambda: feed.gaps >= 1, what="the gap")
-        # healed by the re-delivered retained snapshot, or by the fresher one the publisher sends
-        # after a delta batch (whichever is newer first): the list is no longer stale
+        # healed by the SnapshotRequest's signed reply (or by the fresher snapshot the publisher
+        # retains after a delta batch, whichever comes first): the list is no longer stale
         await wait_for(lambda: not cache.stale and cache.status(c.certificate) is RevocationStatus.REVOKED,
                        timeout=10, what="the resync")
-        assert feed.resyncs >= 1 and feed.failed_resyncs == 0 and feed.rejected == 0
+        await wait_for(lambda: feed.resyncs >= 1, what="the SnapshotRequest reply")
+        # the reply verified and applied (a refused one would fall back to a re-subscribe)
+        assert feed.resubscribes == 0 and feed.failed_resyncs == 0 and feed.rejected == 0
         assert cache.status(d.certificate) is RevocationStatus.REVOKED
         assert cache.status(gateway.store.current().certificate) is RevocationStatus.GOOD  # type: ignore[union-attr]
 
@@ -90,31 +91,38 @@ async def test_cache_follows_the_feed_and_resyncs_after_a_gap(
 
 
 async def test_snapshot_request_over_mqtt(broker: BrokerHandle, ca: Ca, tmp_path: Path) -> None:
-    """DeviceClient.request_snapshot: a SnapshotRequest on dev/{id}/req is answered by the CA with a
-    RevocationSnapshot on dev/{id}/res (the device's own list, showing a revocation); a cache with
-    trust_broker_acl applies it, a cache with SignedFeedVerifier refuses it (the reply is unsigned).
-    A list id that does not exist: an Error (UNKNOWN_CERTIFICATE) -> RequestRejected, not a timeout."""
+    """DeviceClient.request_snapshot: a SnapshotRequest on dev/{id}/req is answered on dev/{id}/res
+    with the device's own list as a signed feed message (COSE_Sign1, first byte 0x84) showing a
+    revocation; a SignedFeedVerifier cache verifies and applies it, and refuses it once a byte of
+    the signed payload is changed. A list id that does not exist: an Error (UNKNOWN_CERTIFICATE)
+    -> RequestRejected, not a timeout. Another device connected meanwhile never sees a reply."""
     from protocol.codes import ErrorCode
     from protocol.errors import RequestRejected
 
     gateway = await enrolled(tmp_path, broker, ca, "gateway-2")
-    async with device_client(gateway, broker, ca, reply_timeout=5.0) as dc:
+    bystander = await enrolled(tmp_path, broker, ca, "gateway-3")
+    overheard: list[IncomingMessage] = []
+    async with device_client(gateway, broker, ca, reply_timeout=5.0) as dc, \
+            device_client(bystander, broker, ca, on_message=overheard.append) as other:
+        assert other.connected_as is not None
         victim = await ca.mint("sensor-w1")
         await broker.plugin.revoke(tenant=TENANT, reason=RevocationReason.SUPERSEDED, actor="test",
                                    serial=victim.serial)
         own = await dc.request_snapshot()  # its own list
-        assert own.size > 0
-        plain = RevocationCache(tenant=TENANT, region=REGION, path=tmp_path / "plain.json", verifier=trust_broker_acl)
-        assert plain.handle_snapshot_reply(own)
-        assert plain.status(victim.certificate) is RevocationStatus.REVOKED
-        assert plain.status(gateway.store.current().certificate) is RevocationStatus.GOOD  # type: ignore[union-attr]
+        assert isinstance(own, bytes) and own[:1] == b"\x84"
         signing = RevocationCache(tenant=TENANT, region=REGION, path=tmp_path / "signed.json",
                                   verifier=SignedFeedVerifier(certificates=ca.chain))
+        forged = bytearray(own)
+        forged[-70] ^= 1  # inside the payload or the signature: verification fails
         with pytest.raises(FeedRejected):
-            signing.handle_snapshot_reply(own)
-        try:
-            await dc.request_snapshot(own.list_id + 1000)
-        except RequestRejected as exc:
-            assert exc.code == ErrorCode.UNKNOWN_CERTIFICATE
-        else:
-            raise AssertionError("a snapshot of a list that does not exist")
+            signing.handle_snapshot_reply(bytes(forged))
+        assert signing.lists == {}
+        assert signing.handle_snapshot_reply(own)
+        assert signing.status(victim.certificate) is RevocationStatus.REVOKED
+        assert signing.status(gateway.store.current().certificate) is RevocationStatus.GOOD  # type: ignore[union-attr]
+        unknown = max(signing.lists) + 1000
+        with pytest.raises(RequestRejected) as refused:
+            await dc.request_snapshot(unknown)
+        assert refused.value.code == ErrorCode.UNKNOWN_CERTIFICATE
+        await asyncio.sleep(0.3)
+    assert overheard == []  # nothing reached the other device: no reply, no stray message
