@@ -1165,8 +1165,16 @@ class Registry(abc.ABC):
                 "SELECT serial, revoked_at, region FROM certificates WHERE tenant = $1 AND status = 'revoked'"
                 " AND revoked_at >= $2", tenant, to_epoch(since),
             )
-        return [RevokedInRegion(int(r["serial"], 16), from_epoch(r["revoked_at"]), r["region"])  # type: ignore[arg-type]
-                for r in rows]
+        # A poll re-reads the last seconds of a mass revocation (thousands of rows, a few distinct
+        # seconds): convert each distinct time once.
+        times: dict[int, dt.datetime] = {}
+        out = []
+        for r in rows:
+            at = times.get(r["revoked_at"])
+            if at is None:
+                at = times[r["revoked_at"]] = from_epoch(r["revoked_at"])  # type: ignore[assignment]
+            out.append(RevokedInRegion(int(r["serial"], 16), at, r["region"]))  # type: ignore[arg-type]
+        return out
 
     async def next_crl_number(self, tenant: str, shard: str) -> int:
         """Allocate the next CRL number of ``(tenant, shard)``: 1, 2, 3, ... never repeated."""
