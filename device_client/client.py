@@ -315,7 +315,9 @@ class DeviceClient:
         except TransportError as exc:
             if generation == self._generation:
                 self.connected_as = None
-                for fut in [*self._waiters.values(), *(f for _, f in self._snapshot_waiters)]:
+                pending: list[asyncio.Future[Any]] = [*self._waiters.values()]
+                pending += [f for _, f in self._snapshot_waiters]
+                for fut in pending:
                     if not fut.done():
                         fut.set_exception(TransportError(f"connection lost while waiting for a reply: {exc}"))
 
@@ -419,8 +421,8 @@ class DeviceClient:
         snap: asyncio.Future[bytes | Message] = loop.create_future()
         waiter = (list_id, snap)
         self._snapshot_waiters.append(waiter)
-        error: asyncio.Future[Message] = loop.create_future()
-        self._waiters[request.request_id] = error
+        error: asyncio.Future[bytes | Message] = loop.create_future()
+        self._waiters[request.request_id] = error  # type: ignore[assignment]  # only ever set with a Message
         try:
             await self.transport.publish(topics.device_request_topic(self.tenant, self.device_id), codec.encode(request))
             done, _ = await asyncio.wait({snap, error}, timeout=self.reply_timeout,
