@@ -118,6 +118,35 @@ def _check_enum(name: str, value: object, enum: type[Profile] | type[RevocationR
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 
 
+def _der_head(der: bytes, pos: int) -> tuple[int, int, int] | None:
+    """(tag, content start, content length) of the DER element at ``pos``, or None if unreadable."""
+    if pos + 2 > len(der):
+        return None
+    tag, first, pos = der[pos], der[pos + 1], pos + 2
+    if first < 0x80:
+        return tag, pos, first
+    size = first & 0x7F
+    if not 0 < size <= 4 or pos + size > len(der):
+        return None
+    return tag, pos + size, int.from_bytes(der[pos:pos + size], "big")
+
+
+def _serial_not_positive(der: bytes) -> bool:
+    """True when the certificate's serialNumber is readable and zero or negative; False otherwise
+    (a certificate that is unreadable here is left to the real parser to refuse)."""
+    cert = _der_head(der, 0)
+    tbs = _der_head(der, cert[1]) if cert is not None and cert[0] == 0x30 else None
+    if tbs is None or tbs[0] != 0x30:
+        return False
+    head = _der_head(der, tbs[1])
+    if head is not None and head[0] == 0xA0:  # [0] version
+        head = _der_head(der, head[1] + head[2])
+    if head is None or head[0] != 0x02 or head[2] == 0 or head[1] + head[2] > len(der):
+        return False
+    content = der[head[1]:head[1] + head[2]]
+    return bool(content[0] & 0x80) or not any(content)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StatusPosition:
     """Where a certificate's revocation bit lives: status list ``list_id``, bit ``index``."""
@@ -222,6 +251,10 @@ class CertificateIssued:
     @cached_property
     def x509(self) -> x509.Certificate:
         """The issued certificate as a :class:`cryptography.x509.Certificate`."""
+        if _serial_not_positive(self.certificate):
+            # RFC 5280 4.1.2.2; cryptography only warns (and will refuse in a future release): a
+            # warning is no answer for a decoder, which must refuse or accept.
+            raise _fail("certificate serial number is not a positive integer (RFC 5280)")
         try:
             return x509.load_der_x509_certificate(self.certificate)
         except (ValueError, x509.InvalidVersion) as exc:
