@@ -23,7 +23,8 @@ connections the way a factory provisioning line does):
   subscribed, and records each round trip (a ping not back within 5 s counts as lost, and as an
   infinite latency in the percentiles);
 - the broker (child process, built as ``certmq broker`` builds it, default plugin settings: queue
-  2000, BUSY retry 5-10 s, rate 0.2/s burst 3 per claimed device, batches of 64, ``--workers``
+  2000, BUSY retry from 5-10 s (stretched by the admission queue while a storm waits), rate
+  0.2/s burst 3 per claimed device, batches of 64, ``--workers``
   signing processes) has its VmRSS sampled every 250 ms.
 
 Afterwards the registry is read: exactly one certificate per device, the serial each device
