@@ -330,8 +330,9 @@ class FeedPublisher:
     async def signed_snapshots(self, tenant: str, region: str, list_id: int | None = None) -> list[bytes]:
         """The signed snapshot of ``list_id`` (``None``: of every list of the region, by list id).
 
-        Each is the payload retained on ``snapshot/{list_id}``, current up to every delta published
-        before the call: when deltas went out since the list's last snapshot, this waits for the
+        Each is the payload retained on ``snapshot/{list_id}``, current up to every delta handed to
+        :meth:`on_deltas` before the call (a pending coalesced flush is waited for first): when
+        deltas went out since the list's last snapshot, this waits for the
         refresh they scheduled (at most ``snapshot_min_interval`` or ``snapshot_cost_factor`` x the
         last build) and builds one itself only if none came. Raises :class:`UnknownFeedList`.
         """
@@ -345,6 +346,11 @@ class FeedPublisher:
             raise UnknownFeedList(f"region {region!r} has no status list")
         if list_id is not None and list_id not in reg.lists:
             raise UnknownFeedList(f"region {region!r} has no status list {list_id}")
+        if reg.flush is not None and not reg.flush.done():
+            # Deltas handed in but still in their coalescing window: publish them first, so the
+            # reply holds every revocation committed before the request.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(reg.flush)
         ids = sorted(reg.lists) if list_id is None else [list_id]
         return [await self._current_snapshot(tenant, region, reg, i) for i in ids]
 
