@@ -1,0 +1,186 @@
+"""Broadcast fan-out (``_Fanout``): one encoded PUBLISH per QoS, per-session packet ids, amqtt's QoS 1
+bookkeeping (inflight until PUBACK, timeout, connection end) and the ``receive`` ACL per subscriber,
+over real TLS connections."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from broker_plugin import broker as broker_module
+from broker_plugin.broker import HardenedBroker
+
+from conftest import Pki
+from mqttraw import PUBLISH, Packet, RawClient, connect
+
+TOPIC = "feeds/acme/eu/delta"
+
+
+_OPEN: list[RawClient] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_clients() -> AsyncIterator[None]:
+    yield
+    while _OPEN:
+        await _OPEN.pop().close()
+
+
+async def _client(pki: Pki, port: int, name: str, qos: int | None = None) -> RawClient:
+    client, code = await connect(port, pki.client_context(name), name)
+    _OPEN.append(client)
+    assert code == 0, f"{name}: CONNACK {code}"
+    if qos is not None:
+        assert await client.subscribe(TOPIC, qos) == qos
+    return client
+
+
+async def _read_raw(client: RawClient, timeout: float = 2.0) -> Packet | None:
+    """The next packet, *without* the automatic PUBACK of ``RawClient.read_packet``."""
+    try:
+        first = await asyncio.wait_for(client.reader.readexactly(1), timeout)
+        length, shift = 0, 0
+        while True:
+            (byte,) = await asyncio.wait_for(client.reader.readexactly(1), timeout)
+            length += (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        body = await asyncio.wait_for(client.reader.readexactly(length), timeout)
+    except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+        return None
+    return Packet(first[0] >> 4, first[0] & 0x0F, body)
+
+
+def _packet_id(packet: Packet) -> int:
+    (n,) = struct.unpack("!H", packet.body[:2])
+    return int(struct.unpack("!H", packet.body[2 + n : 4 + n])[0])
+
+
+async def _settled(broker: HardenedBroker, within: float = 2.0) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        if all(not s.inflight_out and not h._puback_waiters for s, h in broker._sessions.values()):  # noqa: SLF001
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+async def test_every_subscriber_gets_one_exact_copy_at_its_qos(pki: Pki, hardened: HardenedBroker) -> None:
+    port = hardened.listen_port()
+    qos1 = [await _client(pki, port, f"q1-{i}", qos=1) for i in range(12)]
+    qos0 = [await _client(pki, port, f"q0-{i}", qos=0) for i in range(4)]
+    publisher = await _client(pki, port, "pub")
+    payload = bytes(range(256)) * 3  # 768 bytes: a two-byte remaining length
+    await publisher.publish(TOPIC, payload, qos=0)
+    for client in qos1:
+        got = await client.messages(within=0.5)  # acknowledges each QoS 1 PUBLISH
+        assert [(p.topic, p.payload, (p.flags >> 1) & 3, p.retain) for p in got] == [(TOPIC, payload, 1, False)]
+    for client in qos0:
+        got = await client.messages(within=0.3)
+        assert [(p.topic, p.payload, p.flags) for p in got] == [(TOPIC, payload, 0)]
+    assert await _settled(hardened), "acknowledged QoS 1 copies must leave inflight_out and the PUBACK waiters"
+
+
+async def test_qos1_copies_carry_each_sessions_own_packet_id(pki: Pki, hardened: HardenedBroker) -> None:
+    port = hardened.listen_port()
+    a, b = await _client(pki, port, "a", qos=1), await _client(pki, port, "b", qos=1)
+    # "a" has used a packet id before, so its ids differ from "b"'s
+    hardened._sessions["a"][0].next_packet_id  # noqa: B018, SLF001 - advances a's counter only
+    publisher = await _client(pki, port, "pub")
+    ids: dict[str, list[int]] = {"a": [], "b": []}
+    for n in range(3):
+        await publisher.publish(TOPIC, b"m%d" % n, qos=0)
+        for name, client in (("a", a), ("b", b)):
+            packet = await _read_raw(client)
+            assert packet is not None and packet.kind == PUBLISH and packet.payload == b"m%d" % n
+            pid = _packet_id(packet)
+            session = hardened._sessions[name][0]  # noqa: SLF001
+            assert session.inflight_out[pid].data == b"m%d" % n, "the id on the wire is the one in flight"
+            ids[name].append(pid)
+            client.writer.write(bytes([0x40, 2]) + struct.pack("!H", pid))  # PUBACK
+    assert len(set(ids["a"])) == 3 and len(set(ids["b"])) == 3
+    assert ids["a"] != ids["b"]
+    assert await _settled(hardened)
+
+
+async def test_unacknowledged_copy_stays_in_flight_then_expires(
+    pki: Pki, hardened: HardenedBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(broker_module, "_PUBACK_TIMEOUT", 0.4)
+    port = hardened.listen_port()
+    silent = await _client(pki, port, "silent", qos=1)
+    acking = await _client(pki, port, "acking", qos=1)
+    publisher = await _client(pki, port, "pub")
+    await publisher.publish(TOPIC, b"delta", qos=0)
+    assert (await _read_raw(silent)) is not None
+    assert [p.payload for p in await acking.messages(within=0.2)] == [b"delta"]
+    session, handler = hardened._sessions["silent"]  # noqa: SLF001
+    assert [m.data for m in session.inflight_out.values()] == [b"delta"]
+    assert len(handler._puback_waiters) == 1  # noqa: SLF001
+    assert not hardened._sessions["acking"][0].inflight_out  # noqa: SLF001
+    await asyncio.sleep(0.6)
+    assert not session.inflight_out and not handler._puback_waiters, "amqtt drops it after the PUBACK timeout"
+
+
+async def test_connection_end_releases_in_flight_copies(pki: Pki, hardened: HardenedBroker) -> None:
+    port = hardened.listen_port()
+    silent = await _client(pki, port, "gone", qos=1)
+    publisher = await _client(pki, port, "pub")
+    await publisher.publish(TOPIC, b"delta", qos=0)
+    assert (await _read_raw(silent)) is not None
+    session = hardened._sessions["gone"][0]  # noqa: SLF001
+    assert len(session.inflight_out) == 1
+    await silent.close()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 2
+    while session.inflight_out and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    assert not session.inflight_out
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+async def test_receive_acl_is_checked_for_each_subscriber(
+    pki: Pki, make_hardened: Any, asynchronous: bool
+) -> None:
+    asked: list[tuple[str, str, str]] = []
+
+    def decide(identity: Any, action: str, topic: str) -> bool:
+        asked.append((identity.name, action, topic))
+        return not (action == "receive" and identity.name.startswith("denied"))
+
+    async def decide_async(identity: Any, action: str, topic: str) -> bool:
+        await asyncio.sleep(0)
+        return decide(identity, action, topic)
+
+    broker = await make_hardened(acl_hook=decide_async if asynchronous else decide)
+    port = broker.listen_port()
+    allowed = [await _client(pki, port, f"ok-{i}", qos=1) for i in range(3)]
+    denied = [await _client(pki, port, f"denied-{i}", qos=1) for i in range(2)]
+    publisher = await _client(pki, port, "pub")
+    await publisher.publish(TOPIC, b"delta", qos=1)
+    for client in allowed:
+        assert [p.payload for p in await client.messages(within=0.4)] == [b"delta"]
+    for client in denied:
+        assert await client.messages(within=0.2) == []
+    receives = sorted(name for name, action, topic in asked if action == "receive" and topic == TOPIC)
+    assert receives == sorted([f"ok-{i}" for i in range(3)] + [f"denied-{i}" for i in range(2)])
+
+
+async def test_failing_acl_hook_denies_delivery(pki: Pki, make_hardened: Any) -> None:
+    def explode(identity: Any, action: str, topic: str) -> bool:
+        if action == "receive":
+            raise RuntimeError("acl store down")
+        return True
+
+    broker = await make_hardened(acl_hook=explode)
+    port = broker.listen_port()
+    sub = await _client(pki, port, "sub", qos=1)
+    publisher = await _client(pki, port, "pub")
+    await publisher.publish(TOPIC, b"delta", qos=0)
+    assert await sub.messages(within=0.3) == []
