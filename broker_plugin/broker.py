@@ -233,12 +233,13 @@ class _Fanout:
     ``_PUBACK_TIMEOUT``, whichever is first; one timer per broadcast instead of one per copy.
     """
 
-    __slots__ = ("_data", "_frames", "_pending", "_pid_at", "_topic")
+    __slots__ = ("_data", "_frames", "_packets", "_pending", "_pid_at", "_topic")
 
     def __init__(self, topic: str, data: bytes | bytearray) -> None:
         self._topic = topic
         self._data = data
         self._frames: dict[int, bytes] = {}
+        self._packets: dict[int, PublishPacket] = {}
         self._pid_at = 0
         self._pending: list[asyncio.Future[Any]] = []
 
@@ -246,6 +247,7 @@ class _Fanout:
         frame = self._frames.get(qos)
         if frame is None:
             packet = PublishPacket.build(self._topic, bytes(self._data), 0 if qos else None, False, qos, False)
+            self._packets[qos] = packet
             frame = self._frames[qos] = bytes(packet.to_bytes())
             # packet id: after the fixed header (1 byte + remaining-length varint) and the topic
             header = 1
@@ -270,8 +272,10 @@ class _Fanout:
             return True
         packet_id = session.next_packet_id
         message = OutgoingApplicationMessage(packet_id, self._topic, 1, self._data, False)
-        # publish_packet set marks "already sent once": a resume retries it with DUP set
-        message.publish_packet = PublishPacket.build(self._topic, self._data, packet_id, False, 1, False)  # type: ignore[arg-type]
+        # publish_packet set means "sent once": a resume retries it with DUP set, rebuilt from the
+        # message (its packet id included). amqtt reads nothing else from it on the way out, so
+        # the copies share one packet object instead of allocating four per subscriber.
+        message.publish_packet = self._packets[1]
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         session.inflight_out[packet_id] = message
         handler._puback_waiters[packet_id] = waiter  # noqa: SLF001 - handle_puback resolves it
