@@ -233,10 +233,12 @@ class _Fanout:
     ``_PUBACK_TIMEOUT``, whichever is first; one timer per broadcast instead of one per copy.
     """
 
-    __slots__ = ("_data", "_frames", "_packets", "_pending", "_pid_at", "_topic")
+    __slots__ = ("_data", "_frames", "_loop", "_packets", "_pending", "_pid_at", "_topic", "_watched")
 
-    def __init__(self, topic: str, data: bytes | bytearray) -> None:
+    def __init__(self, topic: str, data: bytes | bytearray, *, watched: bool) -> None:
         self._topic = topic
+        self._watched = watched  # a plugin wants every sent packet: amqtt's path fires the event
+        self._loop = asyncio.get_running_loop()
         self._data = data
         self._frames: dict[int, bytes] = {}
         self._packets: dict[int, PublishPacket] = {}
@@ -264,7 +266,7 @@ class _Fanout:
         transport = writer._writer.transport  # noqa: SLF001 - the adapter hides its stream
         if transport.is_closing() or transport.get_write_buffer_size() >= transport.get_write_buffer_limits()[1]:
             return False
-        if handler.plugins_manager._event_plugin_callbacks.get(MQTTEvents.PACKET_SENT):  # noqa: SLF001
+        if self._watched:
             return False
         frame = self._frame(qos)
         if qos == 0:
@@ -276,7 +278,7 @@ class _Fanout:
         # message (its packet id included). amqtt reads nothing else from it on the way out, so
         # the copies share one packet object instead of allocating four per subscriber.
         message.publish_packet = self._packets[1]
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Any] = self._loop.create_future()
         session.inflight_out[packet_id] = message
         handler._puback_waiters[packet_id] = waiter  # noqa: SLF001 - handle_puback resolves it
         waiter.add_done_callback(partial(_settle, handler, session, message))
@@ -289,7 +291,7 @@ class _Fanout:
     def arm_timeout(self) -> None:
         """Give up on the PUBACKs still missing after ``_PUBACK_TIMEOUT``, as amqtt does."""
         if self._pending:
-            asyncio.get_running_loop().call_later(_PUBACK_TIMEOUT, _expire, self._pending, self._topic)
+            self._loop.call_later(_PUBACK_TIMEOUT, _expire, self._pending, self._topic)
 
 
 def _settle(handler: BrokerProtocolHandler, session: Session, message: OutgoingApplicationMessage, waiter: asyncio.Future[Any]) -> None:
@@ -729,7 +731,8 @@ class HardenedBroker(Broker):
     async def _run_broadcast(self, running_tasks: Any) -> None:
         broadcast = await self._broadcast_queue.get()
         topic = broadcast["topic"]
-        fanout = _Fanout(topic, broadcast["data"])
+        watched = bool(self.plugins_manager._event_plugin_callbacks.get(MQTTEvents.PACKET_SENT))  # noqa: SLF001
+        fanout = _Fanout(topic, broadcast["data"], watched=watched)
         for topic_filter in self._trie.match(topic):
             for target_session, sub_qos in list(self._subscriptions.get(topic_filter, ())):
                 qos = broadcast.get("qos", sub_qos)
@@ -765,7 +768,8 @@ class HardenedBroker(Broker):
             return False
         if not allowed:
             return False
-        if self.plugins_manager.is_topic_filtering_enabled():
+        # amqtt's check only asks topic plugins (none: allowed); skip its two coroutines then
+        if self.plugins_manager._topic_plugins and self.plugins_manager.is_topic_filtering_enabled():  # noqa: SLF001
             return await Broker._topic_filtering(self, session, topic, Action.RECEIVE)  # noqa: SLF001
         return True
 
