@@ -106,6 +106,7 @@ async def _main(args: argparse.Namespace) -> int:
             await asyncio.sleep(0.5)
             raw.clear()
             lat: list[float] = []
+            rounds: list[tuple[float, float]] = []  # per round: first and last arrival, ms
             missing = bad = 0
             for v in victims:
                 req = RevocationRequest(request_id=os.urandom(16), reason=RevocationReason.KEY_COMPROMISE,
@@ -118,6 +119,8 @@ async def _main(args: argparse.Namespace) -> int:
                     await asyncio.sleep(0.002)
                 got = raw[first:]
                 missing += len(conns) - len(got)
+                if got:
+                    rounds.append(((got[0][0] - start) * 1000, (got[-1][0] - start) * 1000))
                 for at, payload in got:
                     inner = verifier(topic, payload)
                     delta = codec.decode(inner) if isinstance(inner, bytes) else None
@@ -135,6 +138,11 @@ async def _main(args: argparse.Namespace) -> int:
               f"cpus={os.cpu_count()} python {sys.version.split()[0]}")
         print(f"revoke -> signed delta at {len(conns)} TLS subscribers: n={len(lat)} p50 {p50:.1f} ms, "
               f"p99 {p99:.1f} ms, max {worst:.1f} ms; missing {missing}; bad (unsigned, wrong index) {bad} of {len(raw)}")
+        if rounds:
+            # A slow tail in every round is the fan-out; a few slow rounds are pauses (GC, load).
+            print(f"per round: first arrival p50 {percentile([f for f, _ in rounds], 50):.1f} ms; last arrival "
+                  f"p50 {percentile([last for _, last in rounds], 50):.1f} ms, max {max(last for _, last in rounds):.1f} ms;"
+                  f" rounds by last arrival: {sorted(round(last) for _, last in rounds)}")
         print("broker stats:", {k: stats.get(k) for k in ("requests", "kicked", "deltas")})
         errors = broker.errors()
         if errors:
