@@ -142,7 +142,7 @@ async def _main(args: argparse.Namespace) -> int:
             # A slow tail in every round is the fan-out; a few slow rounds are pauses (GC, load).
             print(f"per round: first arrival p50 {percentile([f for f, _ in rounds], 50):.1f} ms; last arrival "
                   f"p50 {percentile([last for _, last in rounds], 50):.1f} ms, max {max(last for _, last in rounds):.1f} ms;"
-                  f" rounds by last arrival: {sorted(round(last) for _, last in rounds)}")
+                  f" last arrival by round: {[round(last) for _, last in rounds]}")
         print("broker stats:", {k: stats.get(k) for k in ("requests", "kicked", "deltas")})
         errors = broker.errors()
         if errors:
