@@ -146,6 +146,7 @@ class _HardenedHandler(BrokerProtocolHandler):
     """Broker protocol handler that drops a client whose keep-alive timer expired."""
 
     keepalive_expired = False
+    slow_sends = 0  # broadcast copies queued on amqtt's per-task path, not yet written
 
     def handle_read_timeout(self) -> None:
         # Stock amqtt logs and keeps reading forever; EOF ends the reader loop,
@@ -264,9 +265,12 @@ class _Fanout:
         if qos not in (0, 1) or type(writer) is not StreamWriterAdapter or writer.is_closed:
             return False
         transport = writer._writer.transport  # noqa: SLF001 - the adapter hides its stream
+        # Over the high-water mark (TLS records the paused socket below has not taken): the
+        # client is not reading; amqtt's path awaits the drain, so it gets backpressure.
         if transport.is_closing() or transport.get_write_buffer_size() >= transport.get_write_buffer_limits()[1]:
             return False
-        if self._watched:
+        if self._watched or getattr(handler, "slow_sends", 0):
+            # copies queued on amqtt's path write later: this one must not overtake them
             return False
         frame = self._frame(qos)
         if qos == 0:
@@ -302,6 +306,21 @@ def _settle(handler: BrokerProtocolHandler, session: Session, message: OutgoingA
         del handler._puback_waiters[packet_id]  # noqa: SLF001
     if session.inflight_out.get(packet_id) is message:
         del session.inflight_out[packet_id]
+
+
+def _queued_publish(handler: BrokerProtocolHandler, topic: str, data: bytes | bytearray, qos: int) -> Awaitable[Any]:
+    """amqtt's ``mqtt_publish``, counted in ``slow_sends`` from now until it ends (QoS 1: acknowledged)."""
+    if isinstance(handler, _HardenedHandler):
+        handler.slow_sends += 1
+
+    async def publish() -> Any:
+        try:
+            return await handler.mqtt_publish(topic, data, qos, retain=False)
+        finally:
+            if isinstance(handler, _HardenedHandler):
+                handler.slow_sends -= 1
+
+    return publish()
 
 
 def _expire(waiters: list[asyncio.Future[Any]], topic: str) -> None:
@@ -749,9 +768,7 @@ class HardenedBroker(Broker):
                 if not fanout.send(handler, target_session, qos):
                     # QoS 2, a client not reading (its transport buffer is full: the stock path
                     # awaits the drain), a closing transport, or a plugin watching sent packets.
-                    running_tasks.append(
-                        asyncio.ensure_future(handler.mqtt_publish(topic, broadcast["data"], qos, retain=False))
-                    )
+                    running_tasks.append(asyncio.ensure_future(_queued_publish(handler, topic, broadcast["data"], qos)))
         fanout.arm_timeout()
 
     async def _receive_allowed(self, session: Session, topic: str) -> bool:
