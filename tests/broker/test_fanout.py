@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from amqtt.mqtt.publish import PublishPacket
+from amqtt.plugins.base import BasePlugin
 
 from broker_plugin import broker as broker_module
 from broker_plugin.broker import HardenedBroker
@@ -217,3 +219,37 @@ async def test_subscriber_not_reading_gets_backpressure_and_every_copy_in_order(
             seen.append(int.from_bytes(packet.payload[:4], "big"))
     assert seen == list(range(count))
     assert handler.slow_sends == 0
+
+
+class _WatchingPlugin(BasePlugin[Any]):
+    """A plugin that wants every packet the broker sends (amqtt's ``mqtt_packet_sent`` event)."""
+
+    sent: list[tuple[str | None, int]] = []
+
+    async def on_mqtt_packet_sent(self, *, packet: Any, session: Any = None) -> None:
+        if isinstance(packet, PublishPacket):
+            type(self).sent.append((getattr(session, "client_id", None), packet.qos))
+
+
+async def test_plugin_watching_sent_packets_still_sees_every_broadcast_copy(pki: Pki) -> None:
+    _WatchingPlugin.sent.clear()
+    broker = HardenedBroker(
+        {
+            "listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:0", "ssl": True}},
+            "plugins": {"test_fanout._WatchingPlugin": {}},
+        },
+        ssl_context=pki.server_context(),
+    )
+    await broker.start()
+    try:
+        port = broker.listen_port()
+        subs = [await _client(pki, port, f"w{i}", qos=1) for i in range(3)]
+        publisher = await _client(pki, port, "pub")
+        await publisher.publish(TOPIC, b"delta", qos=0)
+        for client in subs:
+            assert [p.payload for p in await client.messages(within=0.3)] == [b"delta"]
+        assert sorted(_WatchingPlugin.sent) == [("w0", 1), ("w1", 1), ("w2", 1)]
+    finally:
+        while _OPEN:
+            await _OPEN.pop().close()
+        await broker.shutdown()
