@@ -252,11 +252,12 @@ class _Fanout:
             packet = PublishPacket.build(self._topic, bytes(self._data), 0 if qos else None, False, qos, False)
             self._packets[qos] = packet
             frame = self._frames[qos] = bytes(packet.to_bytes())
-            # packet id: after the fixed header (1 byte + remaining-length varint) and the topic
-            header = 1
-            while frame[header] & 0x80:
-                header += 1
-            self._pid_at = header + 1 + 2 + len(self._topic.encode("utf-8"))
+            if qos == 1:
+                # packet id: after the fixed header (1 byte + remaining-length varint) and the topic
+                header = 1
+                while frame[header] & 0x80:
+                    header += 1
+                self._pid_at = header + 1 + 2 + len(self._topic.encode("utf-8"))
         return frame
 
     def send(self, handler: BrokerProtocolHandler, session: Session, qos: int) -> bool:
@@ -276,7 +277,10 @@ class _Fanout:
         if qos == 0:
             writer.write(frame)
             return True
-        packet_id = session.next_packet_id
+        try:
+            packet_id = session.next_packet_id
+        except AMQTTError:  # 65,535 in flight: amqtt's path fails for this subscriber only
+            return False
         message = OutgoingApplicationMessage(packet_id, self._topic, 1, self._data, False)
         # publish_packet set means "sent once": a resume retries it with DUP set, rebuilt from the
         # message (its packet id included). amqtt reads nothing else from it on the way out, so

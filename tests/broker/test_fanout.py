@@ -253,3 +253,25 @@ async def test_plugin_watching_sent_packets_still_sees_every_broadcast_copy(pki:
         while _OPEN:
             await _OPEN.pop().close()
         await broker.shutdown()
+
+
+# remaining length = 2 + 19 (topic) + size (+ 2 packet id at QoS 1): at 105, 106, 16361 and 16362
+# bytes the QoS 1 copy needs one more length byte than the QoS 0 copy
+@pytest.mark.parametrize("size", [104, 105, 106, 107, 16_360, 16_361, 16_362, 16_363])
+async def test_mixed_qos_copies_around_remaining_length_boundaries(
+    pki: Pki, hardened: HardenedBroker, size: int
+) -> None:
+    # QoS 1, QoS 0, QoS 1 subscribers: the QoS 0 copy encoded between them must not move
+    # where the later QoS 1 copies get their packet id
+    port = hardened.listen_port()
+    first = await _client(pki, port, "q1-first", qos=1)
+    q0 = await _client(pki, port, "q0", qos=0)
+    last = await _client(pki, port, "q1-last", qos=1)
+    payload = bytes([7]) * size
+    await hardened._broadcast_message(None, TOPIC, payload)  # noqa: SLF001
+    p0 = await _read_raw(q0)
+    assert p0 is not None and (p0.topic, p0.payload, p0.flags) == (TOPIC, payload, 0)
+    for name, client in (("q1-first", first), ("q1-last", last)):
+        p1 = await _read_raw(client)
+        assert p1 is not None and (p1.topic, p1.payload, p1.flags) == (TOPIC, payload, 2)
+        assert _packet_id(p1) in hardened._sessions[name][0].inflight_out  # noqa: SLF001
