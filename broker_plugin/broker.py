@@ -458,6 +458,22 @@ class HardenedBroker(Broker):
         await conn.handler.mqtt_publish(topic, bytes(data), qos, retain=False)
         return True
 
+    def deliver_now(self, client_id: str, topic: str, data: bytes) -> bool | None:
+        """Write one QoS 0 PUBLISH to ``client_id``'s live connection now: no task, no await.
+
+        For cheap replies under load (a storm's BUSY refusals): ``True`` written, ``False`` not
+        connected, ``None`` not possible right now (the client is not reading and its buffer is
+        full, or copies are queued on amqtt's path) -- then use :meth:`deliver_to`. Like
+        :meth:`deliver_to`, nothing is broadcast, retained or seen by anyone else.
+        """
+        if not topic or "+" in topic or "#" in topic:
+            raise ValueError(f"invalid topic name {topic!r}")
+        conn = self._live.get(client_id)
+        if conn is None or conn.done.is_set():
+            return False
+        watched = bool(self.plugins_manager._event_plugin_callbacks.get(MQTTEvents.PACKET_SENT))  # noqa: SLF001
+        return True if _Fanout(topic, data, watched=watched).send(conn.handler, conn.session, 0) else None
+
     # -- listener -----------------------------------------------------------
 
     def _create_ssl_context(self, listener: ListenerConfig) -> ssl.SSLContext:  # type: ignore[override]

@@ -89,6 +89,29 @@ async def test_deliver_to_reaches_only_that_session(hardened: HardenedBroker, pk
         await client.disconnect()
 
 
+async def test_deliver_now_writes_to_that_session_only_without_a_task(hardened: HardenedBroker, pki: Any) -> None:
+    """The storm path for refusals: QoS 0, written at once, never seen by a `#` subscriber; a
+    client that stops reading gets ``None`` (use deliver_to, which waits for the drain)."""
+    port = port_of(hardened)
+    dev1, _ = await connect(port, pki.client_context("dev1"), "dev1")
+    snoop, _ = await connect(port, pki.client_context("snoop"), "snoop")
+    assert await snoop.subscribe("#") == 0
+    tasks_before = len(asyncio.all_tasks())
+    assert hardened.deliver_now("dev1", "certmq/dev1/reply", b"busy") is True
+    assert len(asyncio.all_tasks()) == tasks_before
+    got = await dev1.messages(0.5)
+    assert [(m.topic, m.payload, (m.flags >> 1) & 3) for m in got] == [("certmq/dev1/reply", b"busy", 0)]
+    assert await snoop.messages(0.3) == []
+    assert hardened.deliver_now("nobody", "t", b"x") is False
+    with pytest.raises(ValueError):
+        hardened.deliver_now("dev1", "a/#", b"x")
+    dev1.writer.transport.pause_reading()
+    results = {hardened.deliver_now("dev1", "certmq/dev1/bulk", b"x" * 65536) for _ in range(400)}
+    assert None in results  # backpressure: the fast path steps aside once the buffer is full
+    for client in (dev1, snoop):
+        await client.close()
+
+
 class _HookingPlugin(BasePlugin[Any]):
     """What the certmq plugin does: find the hardened broker, install its ACL."""
 
