@@ -166,6 +166,15 @@ class AdmissionQueue(Generic[T]):
         self._period = min(self._busy_retry_max, max(self._busy_retry, waiting * span / drained))
         return self._period
 
+    def take_nowait(self, most: int) -> list[T]:
+        """Remove and return up to ``most`` queued items now (possibly none), oldest first."""
+        batch = [self._items.popleft() for _ in range(min(max(most, 0), len(self._items)))]
+        if batch:
+            self._taken.append((self._clock(), len(batch)))
+        if not self._items and self._ready is not None:
+            self._ready.clear()
+        return batch
+
     async def take(self, most: int) -> list[T]:
         """Wait until something is queued, then remove and return up to ``most`` items, oldest first."""
         if most < 1:

@@ -147,6 +147,7 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
         queue_capacity: int = 2000  #: requests queued at most; beyond: BUSY
         batch_size: int = 64  #: requests per handle_many call
         batch_tasks: int = 0  #: concurrent batches (0: workers + 1)
+        batch_linger: float = 0.005  #: seconds a short batch waits for more requests (0: none)
         busy_retry: float = 5.0  #: smallest BUSY retry_after base; adapts to the queue's drain time (admission.py)
         rate: float = 0.2  #: per-client requests per second (0: no limit)
         burst: int = 3  #: per-client burst
@@ -175,6 +176,7 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
                 (cfg.workers < 1, "workers must be >= 1"),
                 (cfg.batch_size < 1, "batch_size must be >= 1"),
                 (cfg.batch_tasks < 0, "batch_tasks must be >= 0"),
+                (not 0 <= cfg.batch_linger <= 1, "batch_linger must be 0..1 seconds"),
                 (cfg.revocation_poll <= 0, "revocation_poll must be > 0"),
                 (cfg.echo_reply_bytes < 0, "echo_reply_bytes must be >= 0"),
                 (not -1 <= cfg.metrics_port <= 65535, "metrics_port must be -1 (off) or 0..65535"),
@@ -475,6 +477,12 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
     async def _drain(self) -> None:
         while True:
             batch = await self.admission.take(self.config.batch_size)
+            if len(batch) < self.config.batch_size and self.config.batch_linger > 0:
+                # Requests trickling in (retries spread by retry-after) would otherwise go one or
+                # two per batch, each paying the registry's two transactions and a worker round
+                # trip: wait a moment for company. Costs at most batch_linger of latency.
+                await asyncio.sleep(self.config.batch_linger)
+                batch += self.admission.take_nowait(self.config.batch_size - len(batch))
             batch = self._take_snapshot_requests(batch)
             if not batch:
                 continue
