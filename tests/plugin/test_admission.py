@@ -84,6 +84,21 @@ async def test_take_waits_and_returns_batches_in_order() -> None:
     assert len(queue) == 0
 
 
+async def test_take_nowait_tops_up_a_batch_without_waiting() -> None:
+    queue: AdmissionQueue[int] = AdmissionQueue(capacity=1000, rate=0)
+    assert queue.take_nowait(10) == []
+    for i in range(5):
+        queue.offer("k", i)
+    assert queue.take_nowait(3) == [0, 1, 2]
+    assert queue.take_nowait(10) == [3, 4]
+    # emptied by take_nowait: a later take waits for the next offer instead of spinning
+    waiter = asyncio.ensure_future(queue.take(10))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    queue.offer("k", 99)
+    assert await waiter == [99]
+
+
 @pytest.mark.parametrize("kwargs", [{"capacity": 0}, {"busy_retry": 0}, {"rate": -1}, {"burst": 0}])
 def test_bad_settings_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
