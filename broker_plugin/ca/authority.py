@@ -23,7 +23,8 @@ from cryptography.x509.oid import NameOID
 
 from protocol.topics import validate_identifier
 
-from .issuer import random_serial, signature_hash
+from .issuer import random_serial
+from .signers import signature_hash
 
 __all__ = ["DEFAULT_ISSUING_LIFETIME", "DEFAULT_ROOT_LIFETIME", "TenantCA", "create_tenant_ca"]
 

@@ -28,7 +28,7 @@ from cryptography import x509
 
 from protocol.codes import RevocationReason
 
-from .issuer import signature_hash
+from .signers import signature_hash
 
 __all__ = ["MAX_CRL_NUMBER", "build_crl", "reason_flag"]
 

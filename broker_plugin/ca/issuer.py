@@ -42,6 +42,7 @@ from protocol.codes import ErrorCode, Profile
 from protocol.topics import validate_identifier
 
 from .policy import PolicyRefusal, ProfilePolicy, TenantPolicy
+from .signers import signature_hash
 
 __all__ = [
     "MAX_CSR_BYTES",
@@ -52,7 +53,6 @@ __all__ = [
     "load_csr",
     "random_serial",
     "plainly_names",
-    "signature_hash",
     "verified_public_key",
     "verify_csr",
 ]
@@ -61,24 +61,6 @@ __all__ = [
 MAX_CSR_BYTES = 16 * 1024
 #: Serials are exactly this many bits: positive, 20 octets of DER, 158 random bits.
 SERIAL_BITS = 159
-
-
-def signature_hash(private_key: object) -> hashes.HashAlgorithm | None:
-    """Hash for signing with ``private_key``: SHA-256 (P-256, RSA), SHA-384 (P-384),
-    SHA-512 (P-521), None for Ed25519 / Ed448 / ML-DSA, which hash internally.
-
-    Works for any subclass of cryptography's key classes (PKCS#11 keys included).
-    """
-    if isinstance(private_key, ec.EllipticCurvePrivateKey):
-        size = private_key.curve.key_size
-        if size <= 256:
-            return hashes.SHA256()
-        if size <= 384:
-            return hashes.SHA384()
-        return hashes.SHA512()
-    if isinstance(private_key, rsa.RSAPrivateKey):
-        return hashes.SHA256()
-    return None
 
 
 def random_serial(rng_bytes: Callable[[int], bytes]) -> int:
