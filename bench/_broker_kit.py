@@ -387,7 +387,8 @@ def _str(value: str) -> bytes:
     return struct.pack("!H", len(data)) + data
 
 
-def _packet(first: int, body: bytes) -> bytes:
+def packet(first: int, body: bytes) -> bytes:
+    """One MQTT packet: fixed header byte, remaining length, body."""
     length, encoded = len(body), bytearray()
     while True:
         byte, length = length % 128, length // 128
@@ -418,7 +419,7 @@ class MqttConn:
         """TLS + CONNECT (clean session); ``RuntimeError`` unless the CONNACK accepts."""
         self._reader, self._writer = await asyncio.wait_for(
             asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname="localhost"), timeout)
-        self._writer.write(_packet(0x10, _str("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 0)
+        self._writer.write(packet(0x10, _str("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 0)
                                    + _str(self.client_id)))
         first, body = await asyncio.wait_for(self._read(), timeout)
         if first >> 4 != 2 or body[1] != 0:
@@ -466,9 +467,9 @@ class MqttConn:
         assert self._writer is not None
         if qos:
             self._pid = self._pid % 65535 + 1
-            self._writer.write(_packet(0x32, _str(topic) + struct.pack("!H", self._pid) + payload))
+            self._writer.write(packet(0x32, _str(topic) + struct.pack("!H", self._pid) + payload))
         else:
-            self._writer.write(_packet(0x30, _str(topic) + payload))
+            self._writer.write(packet(0x30, _str(topic) + payload))
 
     async def drain(self) -> None:
         """Wait for the transport's buffer to go below its high-water mark."""
@@ -480,7 +481,7 @@ class MqttConn:
         assert self._writer is not None
         self._suback = asyncio.get_running_loop().create_future()
         self._pid = self._pid % 65535 + 1
-        self._writer.write(_packet(0x82, struct.pack("!H", self._pid) + _str(topic_filter) + bytes([qos])))
+        self._writer.write(packet(0x82, struct.pack("!H", self._pid) + _str(topic_filter) + bytes([qos])))
         body = await asyncio.wait_for(self._suback, 10)
         if body[2:] and body[2] == 0x80:
             raise RuntimeError(f"{self.client_id}: SUBSCRIBE {topic_filter} refused")

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from _broker_kit import _str, packet  # noqa: E402 - bench/ is on sys.path when run as a script
 from broker_plugin.ca.authority import create_tenant_ca
 
 __all__ = ["BrokerProcess", "make_pki", "open_client", "packet"]
@@ -153,21 +154,6 @@ class BrokerProcess:
 
 
 # -- raw MQTT ----------------------------------------------------------------------------------
-
-
-def _str(value: str) -> bytes:
-    data = value.encode()
-    return struct.pack("!H", len(data)) + data
-
-
-def packet(first: int, body: bytes) -> bytes:
-    """One MQTT packet: fixed header byte, remaining length, body."""
-    length, encoded = len(body), bytearray()
-    while True:
-        byte, length = length % 128, length // 128
-        encoded.append(byte | (0x80 if length else 0))
-        if not length:
-            return bytes([first]) + bytes(encoded) + body
 
 
 async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
