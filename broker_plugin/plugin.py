@@ -86,6 +86,8 @@ DeltaCallback = Callable[[Sequence[StatusDelta]], "Awaitable[None] | None"]
 
 _SEEN_MARGIN = dt.timedelta(seconds=2)  # re-read this far back: another process's commit may lag its stamp
 _POLL_SLICE = 1000  # revocations a poll handles between yields to the event loop
+# A batch lingers for company only if the previous batch was taken this recently (requests flowing)
+_LINGER_ONLY_WITHIN = 0.05
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -205,6 +207,7 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
         self.signer: Any = None
         self.startup_error: BaseException | None = None
         self.stats = {"requests": 0, "batches": 0, "replies": 0, "kicked": 0, "deltas": 0}
+        self._last_take = -1e9  # monotonic time the last batch was taken (batch_linger)
         self._echo = bytes(cfg.echo_reply_bytes)
         self._callbacks: list[DeltaCallback] = [self._publish_deltas] if cfg.publish_feeds else []
         self.feeds: FeedPublisher | None = None
@@ -477,10 +480,15 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
     async def _drain(self) -> None:
         while True:
             batch = await self.admission.take(self.config.batch_size)
-            if len(batch) < self.config.batch_size and self.config.batch_linger > 0:
+            now = time.monotonic()
+            busy = now - self._last_take < _LINGER_ONLY_WITHIN
+            self._last_take = now
+            if busy and len(batch) < self.config.batch_size and self.config.batch_linger > 0:
                 # Requests trickling in (retries spread by retry-after) would otherwise go one or
                 # two per batch, each paying the registry's two transactions and a worker round
-                # trip: wait a moment for company. Costs at most batch_linger of latency.
+                # trip: wait a moment for company. Costs at most batch_linger of latency, and only
+                # while requests are flowing: a lone request (an operator's revocation on a quiet
+                # broker, whose delta 1,000 subscribers wait for) goes at once.
                 await asyncio.sleep(self.config.batch_linger)
                 batch += self.admission.take_nowait(self.config.batch_size - len(batch))
             batch = self._take_snapshot_requests(batch)

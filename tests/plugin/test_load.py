@@ -75,3 +75,32 @@ async def test_per_device_rate_limit(make_broker, ca: Ca) -> None:
     assert len(limited) == 2 and all(1 <= (m.retry_after or 0) <= 5 for m in limited)
     assert sum(isinstance(m, CertificateIssued) for m in got) == 3
     assert isinstance(other, CertificateIssued)
+
+
+async def test_batch_linger_only_while_requests_flow(make_broker, ca: Ca) -> None:
+    """On a quiet broker a lone request goes to the CA at once (a revocation's delta must not wait
+    for company); while batches follow each other closely, a short batch lingers batch_linger for
+    more requests. Shown by batch membership: two requests 0.1 s apart share a batch only when
+    the broker was busy (the linger is 0.4 s)."""
+    broker = await make_broker(batch_linger=0.4, batch_tasks=1, rate=0.0)
+    plugin = CertmqPlugin.of(broker)
+    batches: list[int] = []
+    original = plugin._handle  # noqa: SLF001
+
+    async def counted(batch):  # type: ignore[no-untyped-def]
+        batches.append(len(batch))
+        return await original(batch)
+
+    plugin._handle = counted  # type: ignore[method-assign]  # noqa: SLF001
+    dev = await ca.mint("acme", "lingerer")
+    async with client(broker, dev) as c:
+        for busy in (False, True):
+            if busy:
+                plugin._last_take = asyncio.get_running_loop().time()  # noqa: SLF001 - as if a batch was just taken
+            for _ in range(2):
+                await c.publish("certmq/v1/acme/dev/lingerer/req", _renewal(dev.serial)[1], qos=1)
+                await asyncio.sleep(0.1)
+            for _ in range(2):
+                _, msg = await next_message(c, 10)
+                assert isinstance(msg, CertificateIssued)
+    assert batches == [1, 1, 2]
