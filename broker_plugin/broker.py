@@ -45,13 +45,13 @@ from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents, MQTTEvents
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.mqtt.publish import PublishPacket
-from amqtt.session import OutgoingApplicationMessage, Session
+from amqtt.session import Session
 from amqtt.utils import gen_client_id
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
+from .fanout import Fanout
 from .topictrie import TopicTrie, filter_matches, validate_filter
 
 __all__ = [
@@ -218,100 +218,6 @@ class _FairReader(StreamReaderAdapter):
         return await super().read(n)
 
 
-_PUBACK_TIMEOUT = 5.0  # amqtt's own wait for a QoS 1 PUBACK; on expiry the message leaves the session
-
-
-class _Fanout:
-    """One broadcast's delivery to many sessions: the PUBLISH is encoded once, written without awaits.
-
-    amqtt sends each subscriber's copy in a task of its own that builds and encodes a
-    ``PublishPacket``, awaits the write lock and the drain and, at QoS 1, waits for the PUBACK:
-    about 0.3 ms of loop time per subscriber, so the thousandth copy of a revocation delta left
-    ~300 ms after the first. Here the bytes are built once per QoS; a QoS 1 copy only gets its
-    session's packet id patched in. The QoS 1 bookkeeping is amqtt's: the message sits in the
-    session's ``inflight_out`` (retried, DUP set, when a persistent session resumes) and the
-    handler's PUBACK waiter until the PUBACK, the connection's end (waiters cancelled) or
-    ``_PUBACK_TIMEOUT``, whichever is first; one timer per broadcast instead of one per copy.
-    """
-
-    __slots__ = ("_data", "_frames", "_loop", "_packets", "_pending", "_pid_at", "_topic", "_watched")
-
-    def __init__(self, topic: str, data: bytes | bytearray, *, watched: bool) -> None:
-        self._topic = topic
-        self._watched = watched  # a plugin wants every sent packet: amqtt's path fires the event
-        self._loop = asyncio.get_running_loop()
-        self._data = data
-        self._frames: dict[int, bytes] = {}
-        self._packets: dict[int, PublishPacket] = {}
-        self._pid_at = 0
-        self._pending: list[asyncio.Future[Any]] = []
-
-    def _frame(self, qos: int) -> bytes:
-        frame = self._frames.get(qos)
-        if frame is None:
-            packet = PublishPacket.build(self._topic, bytes(self._data), 0 if qos else None, False, qos, False)
-            self._packets[qos] = packet
-            frame = self._frames[qos] = bytes(packet.to_bytes())
-            if qos == 1:
-                # packet id: after the fixed header (1 byte + remaining-length varint) and the topic
-                header = 1
-                while frame[header] & 0x80:
-                    header += 1
-                self._pid_at = header + 1 + 2 + len(self._topic.encode("utf-8"))
-        return frame
-
-    def send(self, handler: BrokerProtocolHandler, session: Session, qos: int) -> bool:
-        """Write this message to ``handler``'s connection now; ``False``: use amqtt's path instead."""
-        writer = handler.writer
-        if qos not in (0, 1) or type(writer) is not StreamWriterAdapter or writer.is_closed:
-            return False
-        transport = writer._writer.transport  # noqa: SLF001 - the adapter hides its stream
-        # Over the high-water mark (TLS records the paused socket below has not taken): the
-        # client is not reading; amqtt's path awaits the drain, so it gets backpressure.
-        if transport.is_closing() or transport.get_write_buffer_size() >= transport.get_write_buffer_limits()[1]:
-            return False
-        if self._watched or getattr(handler, "slow_sends", 0):
-            # copies queued on amqtt's path write later: this one must not overtake them
-            return False
-        frame = self._frame(qos)
-        if qos == 0:
-            writer.write(frame)
-            return True
-        try:
-            packet_id = session.next_packet_id
-        except AMQTTError:  # 65,535 in flight: amqtt's path fails for this subscriber only
-            return False
-        message = OutgoingApplicationMessage(packet_id, self._topic, 1, self._data, False)
-        # publish_packet set means "sent once": a resume retries it with DUP set, rebuilt from the
-        # message (its packet id included). amqtt reads nothing else from it on the way out, so
-        # the copies share one packet object instead of allocating four per subscriber.
-        message.publish_packet = self._packets[1]
-        waiter: asyncio.Future[Any] = self._loop.create_future()
-        session.inflight_out[packet_id] = message
-        handler._puback_waiters[packet_id] = waiter  # noqa: SLF001 - handle_puback resolves it
-        waiter.add_done_callback(partial(_settle, handler, session, message))
-        copy = bytearray(frame)
-        copy[self._pid_at : self._pid_at + 2] = packet_id.to_bytes(2, "big")
-        writer.write(bytes(copy))
-        self._pending.append(waiter)
-        return True
-
-    def arm_timeout(self) -> None:
-        """Give up on the PUBACKs still missing after ``_PUBACK_TIMEOUT``, as amqtt does."""
-        if self._pending:
-            self._loop.call_later(_PUBACK_TIMEOUT, _expire, self._pending, self._topic)
-
-
-def _settle(handler: BrokerProtocolHandler, session: Session, message: OutgoingApplicationMessage, waiter: asyncio.Future[Any]) -> None:
-    packet_id = message.packet_id
-    if not waiter.cancelled():
-        message.puback_packet = waiter.result()
-    if handler._puback_waiters.get(packet_id) is waiter:  # noqa: SLF001
-        del handler._puback_waiters[packet_id]  # noqa: SLF001
-    if session.inflight_out.get(packet_id) is message:
-        del session.inflight_out[packet_id]
-
-
 def _queued_publish(handler: BrokerProtocolHandler, topic: str, data: bytes | bytearray, qos: int) -> Awaitable[Any]:
     """amqtt's ``mqtt_publish``, counted in ``slow_sends`` from now until it ends (QoS 1: acknowledged)."""
     if isinstance(handler, _HardenedHandler):
@@ -325,14 +231,6 @@ def _queued_publish(handler: BrokerProtocolHandler, topic: str, data: bytes | by
                 handler.slow_sends -= 1
 
     return publish()
-
-
-def _expire(waiters: list[asyncio.Future[Any]], topic: str) -> None:
-    late = [w for w in waiters if not w.done()]
-    for waiter in late:
-        waiter.cancel()
-    if late:
-        _log.warning("%d subscribers did not acknowledge a message on %s within %ss", len(late), topic, _PUBACK_TIMEOUT)
 
 
 def _abort(writer: WriterAdapter) -> None:
@@ -472,7 +370,7 @@ class HardenedBroker(Broker):
         if conn is None or conn.done.is_set():
             return False
         watched = bool(self.plugins_manager._event_plugin_callbacks.get(MQTTEvents.PACKET_SENT))  # noqa: SLF001
-        return True if _Fanout(topic, data, watched=watched).send(conn.handler, conn.session, 0) else None
+        return True if Fanout(topic, data, watched=watched).send(conn.handler, conn.session, 0) else None
 
     # -- listener -----------------------------------------------------------
 
@@ -771,7 +669,7 @@ class HardenedBroker(Broker):
         broadcast = await self._broadcast_queue.get()
         topic = broadcast["topic"]
         watched = bool(self.plugins_manager._event_plugin_callbacks.get(MQTTEvents.PACKET_SENT))  # noqa: SLF001
-        fanout = _Fanout(topic, broadcast["data"], watched=watched)
+        fanout = Fanout(topic, broadcast["data"], watched=watched)
         for topic_filter in self._trie.match(topic):
             for target_session, sub_qos in list(self._subscriptions.get(topic_filter, ())):
                 qos = broadcast.get("qos", sub_qos)

@@ -1,4 +1,4 @@
-"""Broadcast fan-out (``_Fanout``): one encoded PUBLISH per QoS, per-session packet ids, amqtt's QoS 1
+"""Broadcast fan-out (``broker_plugin.fanout.Fanout``): one encoded PUBLISH per QoS, per-session packet ids, amqtt's QoS 1
 bookkeeping (inflight until PUBACK, timeout, connection end) and the ``receive`` ACL per subscriber,
 over real TLS connections."""
 
@@ -13,7 +13,7 @@ import pytest
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.plugins.base import BasePlugin
 
-from broker_plugin import broker as broker_module
+from broker_plugin import fanout as fanout_module
 from broker_plugin.broker import HardenedBroker
 
 from conftest import Pki
@@ -114,7 +114,7 @@ async def test_qos1_copies_carry_each_sessions_own_packet_id(pki: Pki, hardened:
 async def test_unacknowledged_copy_stays_in_flight_then_expires(
     pki: Pki, hardened: HardenedBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(broker_module, "_PUBACK_TIMEOUT", 0.4)
+    monkeypatch.setattr(fanout_module, "PUBACK_TIMEOUT", 0.4)
     port = hardened.listen_port()
     silent = await _client(pki, port, "silent", qos=1)
     acking = await _client(pki, port, "acking", qos=1)
