@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 from fnmatch import fnmatchcase
+from functools import cached_property
 from typing import Any
 
 from protocol.errors import TopicError
@@ -82,6 +83,13 @@ class SessionIdentity:
         """Who owns an MQTT session: ``tenant/kind/name`` (a renewed certificate resumes it)."""
         return f"{self.tenant}/{self.kind}/{self.name}"
 
+    @cached_property
+    def _levels(self) -> tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, ...], ...]]:
+        # grants() split into levels once per session: a revocation delta's fan-out asks the ACL
+        # once per subscriber, and rebuilding the patterns each time was a third of its cost.
+        publish, receive = grants(self)
+        return tuple(tuple(p.split("/")) for p in publish), tuple(tuple(p.split("/")) for p in receive)
+
 
 def grants(identity: SessionIdentity) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """``(publish patterns, receive patterns)`` of ``identity`` as MQTT filters (bootstrap: none,
@@ -101,7 +109,10 @@ def grants(identity: SessionIdentity) -> tuple[tuple[str, ...], tuple[str, ...]]
 
 
 def _matches(pattern: str, topic: str) -> bool:
-    p_levels, t_levels = pattern.split("/"), topic.split("/")
+    return _matches_levels(pattern.split("/"), topic.split("/"))
+
+
+def _matches_levels(p_levels: tuple[str, ...] | list[str], t_levels: list[str]) -> bool:
     for index, level in enumerate(p_levels):
         if level == "#":
             return len(t_levels) >= index  # '#' also matches its parent level
@@ -156,9 +167,8 @@ def allowed(identity: Any, action: str, topic: str) -> bool:
         return False
     if identity.kind is IdentityKind.BOOTSTRAP:
         return _bootstrap(identity, action, topic)
-    publish, receive = grants(identity)
-    if action == "publish":
-        return any(_matches(p, topic) for p in publish)
     if action == "subscribe":
-        return any(filter_within(topic, p) for p in receive)
-    return any(_matches(p, topic) for p in receive)
+        return any(filter_within(topic, p) for p in grants(identity)[1])
+    publish, receive = identity._levels  # noqa: SLF001 - the cached split of grants()
+    levels = topic.split("/")
+    return any(_matches_levels(p, levels) for p in (publish if action == "publish" else receive))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from broker_plugin.acl import ClaimScope, SessionIdentity, allowed, filter_within
+from broker_plugin.acl import ClaimScope, SessionIdentity, allowed, filter_within, grants
 from broker_plugin.ca.identity import IdentityKind
 
 DEV = SessionIdentity(tenant="acme", kind=IdentityKind.DEVICE, name="d1", serial=1, capabilities=("telemetry",))
@@ -101,3 +103,36 @@ def test_session_owner_is_tenant_kind_and_name() -> None:
     renewed = SessionIdentity(tenant="acme", kind=IdentityKind.DEVICE, name="d1", serial=99)
     assert renewed.principal == DEV.principal
     assert OP.principal != SessionIdentity(tenant="globex", kind=IdentityKind.OPERATOR, name="op1", serial=4).principal
+
+
+# The ACL caches each identity's grants split into levels (acl.SessionIdentity._levels). This is
+# the rule it must keep giving: grants() patterns matched level by level against the topic, built
+# afresh for every question.
+def _reference(identity: SessionIdentity, action: str, topic: str) -> bool:
+    publish, receive = grants(identity)
+
+    def matches(pattern: str) -> bool:
+        p, t = pattern.split("/"), topic.split("/")
+        for i, level in enumerate(p):
+            if level == "#":
+                return len(t) >= i
+            if i >= len(t) or (level != "+" and level != t[i]):
+                return False
+        return len(t) == len(p)
+
+    return any(matches(p) for p in (publish if action == "publish" else receive))
+
+
+_LEVEL = st.sampled_from(["certmq", "v1", "acme", "globex", "dev", "ops", "rev", "prov", "d1", "d2", "op1",
+                          "app", "telemetry", "cmd", "req", "res", "findings", "eu", "delta", "", "x"])
+
+
+@given(identity=st.sampled_from([DEV, RECOVERY, OP]), action=st.sampled_from(["publish", "receive"]),
+       prefix=st.sampled_from(["", "certmq/v1/acme/", "certmq/v1/globex/", "certmq/v1/acme/dev/d1/"]),
+       levels=st.lists(_LEVEL, min_size=1, max_size=7))
+@settings(max_examples=3000, deadline=None)
+def test_cached_grants_decide_like_fresh_ones(identity: SessionIdentity, action: str, prefix: str, levels: list[str]) -> None:
+    topic = prefix + "/".join(levels)
+    if not topic or topic.startswith("$") or (action == "publish" and ("+" in topic or "#" in topic)):
+        return
+    assert allowed(identity, action, topic) is _reference(identity, action, topic), (identity, action, topic)
