@@ -82,7 +82,7 @@ class Fanout:
             return False
         frame = self._frame(qos)
         if qos == 0:
-            writer.write(frame)
+            transport.write(frame)
             return True
         try:
             packet_id = session.next_packet_id
@@ -97,9 +97,9 @@ class Fanout:
         session.inflight_out[packet_id] = message
         handler._puback_waiters[packet_id] = waiter  # noqa: SLF001 - handle_puback resolves it
         waiter.add_done_callback(partial(_settle, handler, session, message))
-        copy = bytearray(frame)
-        copy[self._pid_at : self._pid_at + 2] = packet_id.to_bytes(2, "big")
-        writer.write(bytes(copy))
+        at = self._pid_at
+        # straight to the TLS transport: the adapter and the StreamWriter only pass it on
+        transport.write(frame[:at] + packet_id.to_bytes(2, "big") + frame[at + 2 :])
         self._pending.append(waiter)
         return True
 
