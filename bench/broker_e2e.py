@@ -185,6 +185,30 @@ def _show(r: Round, workers: int) -> None:
               f"clients {cpu['clients'] / r.requests * 1e6:.0f} us", flush=True)
 
 
+def _ceilings(ca: Round, echo: Round) -> None:
+    """What CPU alone allows, from the best rounds' CPU per request: the ratio no scheduling can beat.
+
+    All processes share the machine's cores, so the CA path's rate is at most cores / (its CPU per
+    request in broker + workers + clients); echo's likewise. Where the signing workers and the
+    clients had cores of their own, the broker's event-loop thread would be the limit of both.
+    """
+    if not (ca.requests and echo.requests and ca.cpu and echo.cpu):
+        return
+    cores = os.cpu_count() or 1
+
+    def per(r: Round, key: str) -> float:
+        return r.cpu[key] / r.requests
+
+    ca_all = per(ca, "broker") + per(ca, "workers") + per(ca, "clients")
+    echo_all = per(echo, "broker") + per(echo, "clients")
+    ca_max, echo_max = cores / ca_all, cores / echo_all
+    print(f"CPU-bound ceilings: all processes on these {cores} cores: CA <= {ca_max:,.0f}/s "
+          f"({ca_all * 1e6:.0f} us per request), echo <= {echo_max:,.0f}/s ({echo_all * 1e6:.0f} us): "
+          f"ratio <= {ca_max / echo_max:.2f} once both are CPU-bound; event-loop thread alone (workers and clients elsewhere): "
+          f"CA <= {1 / per(ca, 'loop'):,.0f}/s, echo <= {1 / per(echo, 'loop'):,.0f}/s, "
+          f"ratio <= {per(echo, 'loop') / per(ca, 'loop'):.2f}")
+
+
 async def _main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="certmq-e2e-") as tmp:
         root = Path(tmp)
@@ -239,6 +263,7 @@ async def _main(args: argparse.Namespace) -> int:
     ratio = ca.rate / echo.rate if echo.rate else 0.0
     print(f"end-to-end issuance {ca.rate:,.0f}/s, echo baseline {echo.rate:,.0f}/s (best of {args.repeat}): "
           f"ratio {ratio:.2f} (goal >= {GOAL}: {'met' if ratio >= GOAL else 'MISSED'})")
+    _ceilings(ca, echo)
     if failures:
         print(f"HARD FAILURES: {len(failures)}")
         for line in failures[:20]:
