@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -208,10 +208,11 @@ class CertStore:
             raise CertStoreError(f"{self._state_path} is not valid JSON: {exc}") from None
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise CertStoreError(f"{self._state_path}: unknown state version {state.get('version') if isinstance(state, dict) else state!r}")
-        return state
+        return cast("dict[str, Any]", state)
 
     def _entry(self, profile: Profile) -> dict[str, Any]:
-        return self._state["profiles"].setdefault(profile.label, {})
+        entry: dict[str, Any] = self._state["profiles"].setdefault(profile.label, {})
+        return entry
 
     def _commit_state(self, new_state: dict[str, Any]) -> None:
         atomic_write(self._state_path, json.dumps(new_state, sort_keys=True, indent=1).encode(), mode=0o600)

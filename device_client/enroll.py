@@ -115,7 +115,7 @@ def check_bootstrap(certificate: x509.Certificate, *, now: datetime, margin: tim
         )
 
 
-def signature_hash(private_key: Any) -> hashes.HashAlgorithm | None:
+def signature_hash(private_key: Any) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512 | None:
     """Hash to sign with: SHA-256 (P-256, RSA), SHA-384 (P-384), SHA-512 (P-521), None (Ed25519)."""
     if isinstance(private_key, ec.EllipticCurvePrivateKey):
         size = private_key.curve.key_size

@@ -329,7 +329,12 @@ class Pkcs11KeyStore:
         p = self._pkcs11
         with self._lock:
             objs = self._session.get_objects({p.Attribute.CLASS: p.ObjectClass.PRIVATE_KEY})
-            return sorted({o.label for o in objs if o.label and _LABEL.match(o.label)})
+            found: set[str] = set()
+            for obj in objs:
+                label = getattr(obj, "label", None)  # python-pkcs11 types objects as plain Object
+                if isinstance(label, str) and _LABEL.match(label):
+                    found.add(label)
+            return sorted(found)
 
 
 def _decode_point(raw: bytes, curve: ec.EllipticCurve) -> ec.EllipticCurvePublicKey:
