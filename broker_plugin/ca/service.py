@@ -34,11 +34,24 @@ Decisions worth knowing:
   rule (checked on the signer's result, so the event loop never parses a CSR).
 * **Claims.** A claim credential may not provision a device id that already has an active
   operational (or factory) certificate: otherwise a leaked claim could clone a live device.
-* **Batches.** A :meth:`CAService.handle_many` batch reserves its status slots with one
-  registry call per (tenant, region) and commits its certificates with one
-  ``commit_issuances`` call (one transaction; each item keeps the outcome it would have had
-  alone). With ``coalesce`` set, concurrent :meth:`CAService.handle` calls are gathered into
-  such batches (group commit) -- the adapter that drives the service chooses.
+* **Batches.** A :meth:`CAService.handle_many` batch takes its status slots from the service's
+  slot blocks and commits its certificates with one ``commit_issuances`` call (one transaction;
+  each item keeps the outcome it would have had alone). With ``coalesce`` set, concurrent
+  :meth:`CAService.handle` calls are gathered into such batches (group commit) -- the adapter
+  that drives the service chooses.
+* **Status slots come in blocks.** A certificate's status-list position is inside the signed
+  certificate, so it must be reserved before signing. Rather than a write transaction (and a
+  disk sync) per batch for that, the service reserves a block per (tenant, region) -- the slots
+  a batch needs plus up to ``status_block`` spare ones from the same list, in one registry
+  transaction -- and hands the spare slots out from memory to later batches. So most batches
+  cost one write transaction, the issuance commit. Every reservation is a registry transaction
+  of its own, so services in other processes (stateless workers on one PostgreSQL) get disjoint
+  blocks, and the registry's unique (tenant, region, list, index) key backs that up. Spare slots
+  left in memory when the process stops or crashes are never used: a status list then has
+  some bits that no certificate owns, always 0 -- harmless (revocation sets only the bits of
+  revoked certificates), at most ``status_block`` slots per (tenant, region) per service
+  instance. Spare slots never open a new list: a block stops at the end of the list its needed
+  slots end in.
 * **Regions.** A certificate joins the region named in the provisioning parameters, else the
   claim policy's region, else (for devices) the region of the certificate it authenticated with,
   else the tenant's ``default_region``; with none of these it carries no region extension and is
@@ -222,6 +235,8 @@ class CAService:
     ``coalesce`` > 1 gathers concurrent :meth:`handle` calls into :meth:`handle_many` batches of
     at most that many requests (up to ``coalesce_in_flight`` batches at once; a batch waits at
     most ``coalesce_linger`` seconds for company, and only while another batch is in flight).
+    ``status_block`` is the most spare status slots reserved ahead per (tenant, region), capped
+    at 1/64 of the tenant's ``status_list_capacity`` (0: every batch reserves its own slots).
     """
 
     def __init__(
@@ -236,6 +251,7 @@ class CAService:
         coalesce: int = 0,
         coalesce_linger: float = 0.002,
         coalesce_in_flight: int = 2,
+        status_block: int = 256,
     ) -> None:
         for name, authority in authorities.items():
             if authority.name != name or authority.policy.name != name:
@@ -254,6 +270,13 @@ class CAService:
             raise ValueError("coalesce_linger must be between 0 and 1 second")
         if isinstance(coalesce_in_flight, bool) or not isinstance(coalesce_in_flight, int) or coalesce_in_flight < 1:
             raise ValueError("coalesce_in_flight must be an int >= 1")
+        if isinstance(status_block, bool) or not isinstance(status_block, int) or status_block < 0:
+            raise ValueError("status_block must be an int >= 0 (0: no spare status slots)")
+        self._status_block = status_block
+        # Reserved status slots not yet in a certificate, per (tenant, region); and how many
+        # reservations of each are under way (one at a time asks for spare slots).
+        self._spare_slots: dict[tuple[str, str], collections.deque[tuple[int, int]]] = {}
+        self._reserving: collections.Counter[tuple[str, str]] = collections.Counter()
         self._coalesce = coalesce
         self._linger = coalesce_linger
         self._max_in_flight = coalesce_in_flight
@@ -436,17 +459,47 @@ class CAService:
             finished.update({id(p): o for p, o in zip(pending, outs)})
         return [finished[id(p)] if isinstance(p, _Pending) else p for p in prepared]
 
+    async def _take_slots(self, tenant: str, region: str, count: int) -> list[tuple[int, int]]:
+        """``count`` status slots of ``tenant``'s ``region`` for certificates about to be signed:
+        spare ones first, the rest from one registry reservation (which also refills the spare
+        slots). Slots taken here are never handed out twice by this service, and the registry
+        never hands a slot to two reservations."""
+        key = (tenant, region)
+        spare = self._spare_slots.setdefault(key, collections.deque())
+        # Taken before any await: a concurrent batch cannot take the same spare slots.
+        taken = [spare.popleft() for _ in range(min(count, len(spare)))]
+        missing = count - len(taken)
+        if not missing:
+            return taken
+        try:
+            capacity = self._authority(tenant).policy.status_list_capacity
+            # Only one reservation at a time asks for spare slots: concurrent ones would each
+            # leave a block in memory, and a restart would waste all of them.
+            extra = 0 if self._reserving[key] else min(self._status_block, capacity // 64)
+            self._reserving[key] += 1
+            try:
+                fresh = await self._registry.allocate_status_indices(tenant, region, capacity, missing, spare=extra)
+            finally:
+                self._reserving[key] -= 1
+            if len(fresh) < missing:
+                raise RegistryError(f"the registry reserved {len(fresh)} status slots of {tenant}/{region}, "
+                                    f"not {missing}")
+        except BaseException:
+            spare.extendleft(reversed(taken))  # still reserved and unused: kept for later batches
+            raise
+        spare.extend(fresh[missing:])
+        return taken + fresh[:missing]
+
     async def _reserve(self, pending: list[_Pending], now: dt.datetime) -> dict[int, Outcome]:
-        """Give each job its status slot, one reservation per (tenant, region); the refusals of
-        requests whose reservation failed, by ``id`` of their pending entry."""
+        """Give each job its status slot (:meth:`_take_slots`, once per (tenant, region)); the
+        refusals of requests that got none, by ``id`` of their pending entry."""
         groups: dict[tuple[str, str], list[_Pending]] = {}
         for p in pending:
             groups.setdefault((p.job.tenant, p.region), []).append(p)
         refused: dict[int, Outcome] = {}
         for (tenant, region), members in groups.items():
             try:
-                capacity = self._authority(tenant).policy.status_list_capacity
-                slots = await self._registry.allocate_status_indices(tenant, region, capacity, len(members))
+                slots = await self._take_slots(tenant, region, len(members))
             except Exception:
                 log.exception("reserving %d status slots of %s/%s failed", len(members), tenant, region)
                 for p in members:
@@ -603,8 +656,8 @@ class CAService:
         return Outcome(replies=(Outgoing(reply_topic, encode(message)),))
 
     async def _slot(self, tenant: str, region: str) -> tuple[int, int]:
-        capacity = self._authority(tenant).policy.status_list_capacity
-        return await self._registry.allocate_status_index(tenant, region, capacity)
+        [slot] = await self._take_slots(tenant, region, 1)
+        return slot
 
     def _region(self, tenant: str, *choices: str | None) -> str:
         for choice in choices:

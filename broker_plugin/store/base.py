@@ -904,17 +904,25 @@ class Registry(abc.ABC):
         return slot
 
     async def allocate_status_indices(
-        self, tenant: str, region: str, capacity: int, count: int
+        self, tenant: str, region: str, capacity: int, count: int, *, spare: int = 0
     ) -> list[tuple[int, int]]:
         """Reserve ``count`` consecutive free slots in one transaction, in allocation order.
 
         Exactly what ``count`` calls of :meth:`allocate_status_index` would return: a list that
         fills up mid-batch rolls over to the next one (created with ``capacity`` bits).
+
+        ``spare`` > 0 reserves up to that many more slots after them (returned after the
+        ``count`` slots), but only from the list the last of the ``count`` slots came from: a
+        list is never opened for spare slots alone, so fewer (or none) come back when that list
+        is nearly full. A caller hands spare slots out later from memory (the CA service's slot
+        blocks); a spare slot never handed out is simply never used -- its bit stays 0.
         """
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
             raise ValueError("capacity must be a positive int")
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError("count must be an int >= 0")
+        if isinstance(spare, bool) or not isinstance(spare, int) or spare < 0:
+            raise ValueError("spare must be an int >= 0")
         if count == 0:
             return []
 
@@ -944,6 +952,8 @@ class Registry(abc.ABC):
                     )
                     have, size, nxt = True, capacity, 0
                 take = min(count - len(out), size - nxt)
+                if len(out) + take == count:
+                    take += min(spare, size - nxt - take)
                 out.extend((list_id, i) for i in range(nxt, nxt + take))
                 nxt += take
                 await tx.execute(

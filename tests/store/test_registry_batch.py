@@ -84,6 +84,42 @@ async def test_concurrent_batches_never_share_a_slot(registry_url):
             await r.close()
 
 
+async def test_spare_slots_come_from_the_last_list_only(registry):
+    # Spare slots follow the needed ones in the same list...
+    assert await registry.allocate_status_indices("acme", "eu", 8, 2, spare=3) == [(1, i) for i in range(5)]
+    # ...stop at the end of that list...
+    assert await registry.allocate_status_indices("acme", "eu", 8, 1, spare=10) == [(1, 5), (1, 6), (1, 7)]
+    # ...and never open a list by themselves: a list that the needed slots fill exactly gives none.
+    assert await registry.allocate_status_indices("acme", "eu", 8, 8, spare=4) == [(2, i) for i in range(8)]
+    assert [f.list_id for f in await registry.feed_lists("acme", "eu")] == [1, 2]
+    # Needed slots still roll over; the spare ones come from the list they end in.
+    assert await registry.allocate_status_indices("acme", "eu", 8, 1) == [(3, 0)]
+    await registry.allocate_status_indices("acme", "eu", 8, 5)
+    got = await registry.allocate_status_indices("acme", "eu", 8, 4, spare=3)
+    assert got == [(3, 6), (3, 7), (4, 0), (4, 1), (4, 2), (4, 3), (4, 4)]
+    assert await registry.allocate_status_index("acme", "eu", 8) == (4, 5)  # every returned slot was reserved
+    for bad in (-1, 1.5, True, None):
+        with pytest.raises(ValueError):
+            await registry.allocate_status_indices("acme", "eu", 8, 1, spare=bad)
+    assert await registry.allocate_status_index("acme", "eu", 8) == (4, 6)  # bad calls reserved nothing
+
+
+async def test_concurrent_blocks_with_spares_never_share_a_slot(registry_url):
+    regs = [await open_registry(registry_url) for _ in range(2)]
+    try:
+        got = await asyncio.gather(*(regs[i % 2].allocate_status_indices("acme", "eu", 16, 3, spare=4)
+                                     for i in range(12)))
+        slots = [s for block in got for s in block]
+        assert len(slots) == len(set(slots))
+        assert all(len(block) >= 3 for block in got) and all(0 <= index < 16 for _, index in slots)
+        # Nothing left between blocks but list ends that no block could use.
+        nxt = await regs[0].allocate_status_index("acme", "eu", 16)
+        assert nxt not in slots and nxt[0] >= max(list_id for list_id, _ in slots)
+    finally:
+        for r in regs:
+            await r.close()
+
+
 # ---------------------------------------------------------------- commits
 
 
