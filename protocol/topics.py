@@ -30,6 +30,7 @@ trailing whitespace. ``findings`` is reserved as an operator id.
 from __future__ import annotations
 
 import enum
+import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Final
@@ -95,6 +96,18 @@ def _is_noncharacter(ch: str) -> bool:
     return 0xFDD0 <= code <= 0xFDEF or (code & 0xFFFE) == 0xFFFE
 
 
+# Printable ASCII without '+', '#', '/'; not starting with '$' or a space, not ending with a
+# space; 1 to 64 characters (ASCII: one byte each). Exactly the ASCII strings the rules
+# below accept (tests/protocol/test_identifier_fast.py checks that against the slow path), so
+# the common identifier needs one regex match instead of a Unicode lookup per character.
+_ASCII_FIRST = "\x21\x22\x25-\x2a\x2c-\x2e\x30-\x7e"
+_ASCII_MIDDLE = "\x20-\x22\x24-\x2a\x2c-\x2e\x30-\x7e"
+_ASCII_LAST = "\x21\x22\x24-\x2a\x2c-\x2e\x30-\x7e"
+_PLAIN_IDENTIFIER: Final = re.compile(
+    f"[{_ASCII_FIRST}](?:[{_ASCII_MIDDLE}]{{0,{MAX_IDENTIFIER_BYTES - 2}}}[{_ASCII_LAST}])?"
+)
+
+
 def validate_identifier(value: object, *, what: str = "device id", reserved: frozenset[str] = frozenset()) -> str:
     """Return ``value`` unchanged if it can be one level of a certmq topic.
 
@@ -103,6 +116,13 @@ def validate_identifier(value: object, *, what: str = "device id", reserved: fro
     for the rules. ``reserved`` lists words that are not allowed for this kind of
     identifier (for operator ids: :data:`RESERVED_OPERATOR_IDS`).
     """
+    if type(value) is str and _PLAIN_IDENTIFIER.fullmatch(value) is not None and value not in reserved:
+        return value
+    return _validate_identifier_slowly(value, what=what, reserved=reserved)
+
+
+def _validate_identifier_slowly(value: object, *, what: str, reserved: frozenset[str]) -> str:
+    """:func:`validate_identifier` character by character: every rule, with the reason it fails."""
     if not isinstance(value, str):
         raise InvalidIdentifier(f"{what} must be a str, not {type(value).__name__} ({_show(value)})")
 
