@@ -8,7 +8,11 @@ round trip cost more than an ECDSA signature. So :class:`ProcessPoolSigner`
   :class:`~.datadir.AuthorityMaterial` (policy dict, CA PEMs, and the encrypted key PEM plus
   passphrase, or a ``pkcs11:`` URI plus PIN: a live HSM session cannot cross a process);
 * splits each large ``sign(jobs)`` call into at most ``workers`` chunks, one IPC round trip
-  per chunk;
+  per chunk, each to the worker with the least work queued;
+* keeps up to ``depth`` chunks queued at each worker (2 by default): the next chunk is already
+  in the worker's socket when it finishes one, so it never waits for the event loop to notice
+  the result and hand it more work (with one chunk at a time, a busy event loop left the
+  workers idle between chunks);
 * coalesces small concurrent ``sign()`` calls (the broker signs per request) through a queue
   and a collector task that waits up to ``linger`` (2 ms) or until ``max_batch`` jobs are
   waiting, then sends them to an idle worker as one chunk.
@@ -28,6 +32,7 @@ import dataclasses
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -48,6 +53,9 @@ __all__ = ["ProcessPoolSigner", "SigningPoolError", "WorkerCrashed", "material_f
 
 _READY_TIMEOUT = 60.0
 _STOP_TIMEOUT = 5.0
+# A chunk bigger than this is written from a thread: the worker may be busy with the chunk
+# before it, so a write that fills the socket buffer would block the event loop until then.
+_THREAD_SEND_BYTES = 64 * 1024
 
 
 class SigningPoolError(CertmqError):
@@ -134,11 +142,16 @@ def _worker_main(conn: multiprocessing.connection.Connection, materials: list[Au
         conn.send(results)
 
 
-@dataclasses.dataclass(kw_only=True)
+@dataclasses.dataclass(kw_only=True, eq=False)
 class _Worker:
     index: int
     process: subprocess.Popen[bytes]
     conn: multiprocessing.connection.Connection
+    # Callers of the chunks sent and not answered yet, in the order sent (the worker answers in order).
+    waiting: collections.deque[asyncio.Future[list[SignResult]]] = dataclasses.field(
+        default_factory=collections.deque)
+    send_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    reading: bool = False
 
     @property
     def pid(self) -> int:
@@ -155,7 +168,8 @@ class ProcessPoolSigner:
     :func:`~.datadir.authority_material` and :func:`material_for`). The constructor starts the
     workers and waits until each has opened its keys; a worker that cannot (wrong passphrase,
     missing HSM key) makes it raise :class:`SigningPoolError` with the worker's reason.
-    ``round_trips`` counts chunks sent to workers.
+    ``round_trips`` counts chunks sent to workers; ``depth`` is how many chunks may be queued at
+    one worker (1: the next is sent only when its answer to the last is in).
     """
 
     def __init__(
@@ -165,6 +179,7 @@ class ProcessPoolSigner:
         workers: int | None = None,
         max_batch: int = 64,
         linger: float = 0.002,
+        depth: int = 2,
     ) -> None:
         workers = (os.cpu_count() or 1) if workers is None else workers
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -173,13 +188,19 @@ class ProcessPoolSigner:
             raise ValueError("max_batch must be an int >= 1")
         if not 0 <= linger <= 1:
             raise ValueError("linger must be between 0 and 1 second")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError("depth must be an int >= 1")
+        self._depth = depth
         self._materials = list(authority_specs)
         self._max_batch = max_batch
         self._linger = linger
         self._closed = False
         self.round_trips = 0
         self._workers: list[_Worker] = []
-        self._idle: asyncio.Queue[_Worker] | None = None
+        self._load: list[int] = []  # chunks handed to each worker (by index) and not answered yet
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._respawning: dict[int, asyncio.Task[_Worker]] = {}
+        self._started = False
         self._pending: collections.deque[tuple[list[SignJob], asyncio.Future[list[SignResult]]]] = collections.deque()
         self._pending_jobs = 0
         self._wakeup: asyncio.Event | None = None
@@ -189,6 +210,7 @@ class ProcessPoolSigner:
         try:
             started = [self._start_process(i) for i in range(workers)]
             self._workers = [self._await_ready(i, proc, conn) for i, (proc, conn) in enumerate(started)]
+            self._load = [0] * len(self._workers)
         except BaseException:
             for proc, conn in locals().get("started", []):
                 self._kill(proc, conn)
@@ -252,6 +274,19 @@ class ProcessPoolSigner:
         return proc.returncode
 
     async def _respawn(self, worker: _Worker) -> _Worker:
+        """Replace ``worker`` (dead, or holding lost chunks) once, however many of its callers ask."""
+        current = self._workers[worker.index]
+        if current is not worker:
+            return current  # already replaced
+        task = self._respawning.get(worker.index)
+        if task is None:
+            task = asyncio.create_task(self._replace(worker))
+            self._respawning[worker.index] = task
+            task.add_done_callback(lambda _: self._respawning.pop(worker.index, None))
+        return await asyncio.shield(task)
+
+    async def _replace(self, worker: _Worker) -> _Worker:
+        self._drop(worker, EOFError("the worker is being replaced"))
         self._kill(worker.process, worker.conn)
         loop = asyncio.get_running_loop()
         proc, conn = self._start_process(worker.index)
@@ -259,30 +294,56 @@ class ProcessPoolSigner:
         self._workers[worker.index] = fresh
         return fresh
 
+    def _drop(self, worker: _Worker, exc: BaseException) -> None:
+        """Stop reading ``worker``'s socket; every chunk still waiting for it gets ``exc``."""
+        if worker.reading:
+            worker.reading = False
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                asyncio.get_running_loop().remove_reader(worker.conn.fileno())
+        while worker.waiting:
+            waiter = worker.waiting.popleft()
+            if not waiter.done():
+                waiter.set_exception(exc)
+
+    def _readable(self, worker: _Worker) -> None:
+        # One answer per call (the loop calls again while more is buffered), to its chunk's caller.
+        try:
+            results = worker.conn.recv()
+        except BaseException as exc:  # EOF: the worker died; every chunk it held is lost
+            self._drop(worker, exc if isinstance(exc, Exception) else EOFError("worker gone"))
+            return
+        if worker.waiting:
+            waiter = worker.waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(results)
+        if not worker.waiting:
+            worker.reading = False
+            asyncio.get_running_loop().remove_reader(worker.conn.fileno())
+
     # -- one round trip
 
     async def _round_trip(self, worker: _Worker, jobs: list[SignJob]) -> list[SignResult]:
         loop = asyncio.get_running_loop()
         self.round_trips += 1
+        done: asyncio.Future[list[SignResult]] = loop.create_future()
         try:
-            await loop.run_in_executor(None, worker.conn.send, jobs) if len(jobs) > 256 else worker.conn.send(jobs)
-            done: asyncio.Future[list[SignResult]] = loop.create_future()
-            fd = worker.conn.fileno()
-
-            def readable() -> None:
-                loop.remove_reader(fd)
-                if done.done():
-                    return
+            data = pickle.dumps(jobs, protocol=pickle.HIGHEST_PROTOCOL)
+            # Answers come back in the order chunks were sent: the waiting queue must have that
+            # order, so sending and queueing happen together, one chunk at a time.
+            async with worker.send_lock:
+                worker.waiting.append(done)
+                if not worker.reading:
+                    loop.add_reader(worker.conn.fileno(), self._readable, worker)
+                    worker.reading = True
                 try:
-                    done.set_result(worker.conn.recv())
-                except BaseException as exc:  # EOF: the worker died
-                    done.set_exception(exc)
-
-            loop.add_reader(fd, readable)
-            try:
-                results = await done
-            finally:
-                loop.remove_reader(fd)
+                    if len(data) > _THREAD_SEND_BYTES:
+                        await loop.run_in_executor(None, worker.conn.send_bytes, data)
+                    else:
+                        worker.conn.send_bytes(data)
+                except (EOFError, OSError) as exc:  # a dead worker: whatever it held is lost too
+                    self._drop(worker, exc)
+                    raise
+            results = await done
         except (EOFError, OSError) as exc:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 worker.process.wait(1)
@@ -295,29 +356,59 @@ class ProcessPoolSigner:
             raise SigningPoolError(f"signing worker {worker.index} returned {len(results)} results for {len(jobs)} jobs")
         return results
 
+    def _free_index(self) -> int | None:
+        """The worker with the fewest chunks queued, if one has room for another."""
+        best: int | None = None
+        for index, load in enumerate(self._load):
+            if load < self._depth and (best is None or load < self._load[best]):
+                best = index
+        return best
+
+    async def _acquire(self) -> int:
+        while (index := self._free_index()) is None:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken but leaving: the room goes to the next waiter
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(waiter)
+                raise
+        self._load[index] += 1
+        return index
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
     async def _with_worker(self, jobs: list[SignJob]) -> list[SignResult]:
-        assert self._idle is not None
-        worker = await self._idle.get()
+        index = await self._acquire()
+        worker = self._workers[index]
         try:
             if worker.process.poll() is not None:  # died while idle: replace it quietly, nothing was lost
                 worker = await self._respawn(worker)
             return await self._round_trip(worker, jobs)
         except WorkerCrashed:
-            worker = await self._respawn(worker)
+            await self._respawn(worker)
             raise
         finally:
+            self._load[index] -= 1
             if self._closed:
                 self._kill(worker.process, worker.conn)
             else:
-                self._idle.put_nowait(worker)
+                self._wake()
 
     # -- the public interface
 
     def _ensure_started(self) -> None:
-        if self._idle is None:
-            self._idle = asyncio.Queue()
-            for w in self._workers:
-                self._idle.put_nowait(w)
+        if not self._started:
+            self._started = True
             self._wakeup = asyncio.Event()
             self._full = asyncio.Event()
             self._collector = asyncio.create_task(self._collect(), name="certmq-signing-collector")
@@ -346,7 +437,7 @@ class ProcessPoolSigner:
         return await fut
 
     async def _collect(self) -> None:
-        assert self._wakeup is not None and self._full is not None and self._idle is not None
+        assert self._wakeup is not None and self._full is not None
         while True:
             await self._wakeup.wait()
             if self._pending_jobs < self._max_batch:
@@ -367,10 +458,10 @@ class ProcessPoolSigner:
                 task = asyncio.create_task(self._run_batch(batch))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-                # Let the batch take a worker before collecting the next: with all workers busy the
-                # queue grows, so the next batch is fuller (that is the point).
+                # Let the batch take a worker before collecting the next: with every worker's queue
+                # full the pending calls pile up, so the next batch is fuller (that is the point).
                 await asyncio.sleep(0)
-                while self._idle.empty() and not self._closed:
+                while self._free_index() is None and not self._closed:
                     await asyncio.sleep(self._linger / 2)
 
     async def _run_batch(self, batch: list[tuple[list[SignJob], asyncio.Future[list[SignResult]]]]) -> None:
@@ -409,6 +500,8 @@ class ProcessPoolSigner:
         self._shutdown()
 
     def _shutdown(self) -> None:
+        for w in self._workers:
+            self._drop(w, SigningPoolError("the signing pool was closed"))
         for w in self._workers:
             with contextlib.suppress(OSError, ValueError):
                 w.conn.send(None)

@@ -183,3 +183,53 @@ async def test_hsm_tenant_signs_in_workers(tmp_path: Path, softhsm_token: SoftHs
     issuing = load_authorities(data, passphrase=pin)["hsm"].issuing
     for r in results:
         x509.load_der_x509_certificate(r.der).verify_directly_issued_by(issuing)  # type: ignore[arg-type]
+
+
+async def _until(condition: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+async def test_a_busy_worker_gets_its_next_chunk_queued_up_to_depth(datadir: Path, depth: int) -> None:
+    big = [_job(f"big-{i}", i + 1) for i in range(1500)]
+    small = [_job(f"small-{i}", 5000 + i) for i in range(8)]
+    async with ProcessPoolSigner(authority_material(datadir, passphrase=PASS), workers=1, max_batch=8,
+                                 depth=depth) as pool:
+        first = asyncio.create_task(pool.sign(big))
+        await _until(lambda: pool.round_trips == 1)
+        second = asyncio.create_task(pool.sign(small))
+        await asyncio.sleep(0.05)
+        assert not first.done()  # the worker is still on the big chunk...
+        # ...and the small one is already in its socket (depth 2) or waits for it (depth 1).
+        assert pool.round_trips == (2 if depth == 2 else 1)
+        big_results, small_results = await asyncio.gather(first, second)
+        assert pool.round_trips == 2
+    # Answers went back to the chunk that asked, in order.
+    for jobs, results in ((big, big_results), (small, small_results)):
+        assert [x509.load_der_x509_certificate(r.der).serial_number for r in results] == [j.serial for j in jobs]  # type: ignore[arg-type]
+
+
+async def test_a_worker_dying_with_two_chunks_queued_fails_both_and_is_replaced_once(datadir: Path) -> None:
+    async with ProcessPoolSigner(authority_material(datadir, passphrase=PASS), workers=1, max_batch=8,
+                                 depth=2) as pool:
+        victim = pool.worker_pids[0]
+        first = asyncio.create_task(pool.sign([_job(f"big-{i}", i + 1) for i in range(1500)]))
+        await _until(lambda: pool.round_trips == 1)
+        second = asyncio.create_task(pool.sign([_job(f"small-{i}", 5000 + i) for i in range(8)]))
+        await _until(lambda: pool.round_trips == 2)
+        os.kill(victim, 9)
+        for task in (first, second):
+            with pytest.raises(WorkerCrashed, match="not signed and may be retried"):
+                await task
+        assert len(pool.worker_pids) == 1 and pool.worker_pids[0] != victim
+        [after] = await pool.sign([_job("after-crash", 9)])
+        assert after.ok
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_depth_must_be_a_positive_int(datadir: Path, bad: object) -> None:
+    with pytest.raises(ValueError, match="depth"):
+        ProcessPoolSigner(authority_material(datadir, passphrase=PASS), workers=1, depth=bad)  # type: ignore[arg-type]
