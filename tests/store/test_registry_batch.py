@@ -120,6 +120,44 @@ async def test_concurrent_blocks_with_spares_never_share_a_slot(registry_url):
             await r.close()
 
 
+async def test_batched_lookups_answer_like_one_lookup_each(registry, h):
+    import datetime as dt
+
+    who = "bootstrap:claim-a"
+    early, late = h.NOW, h.NOW + dt.timedelta(hours=1)
+    found = _item(h, "dev-4", key=h.key(request_id=b"1" * 16, fingerprint=b"fp-dev-4", identity=who))
+    others = [
+        _item(h, "dev-1"),
+        _item(h, "dev-2"),
+        _item(h, "dev-1", tenant="beta"),
+    ]
+    await registry.commit_issuances([found, *others])
+    # A later, second live certificate of dev-1 (order: issued_at, serial), one revoked, one of dev-5.
+    second = h.make_cert(device_id="dev-1", serial=h.new_serial())
+    second = CertificateRecord(**{**second.__dict__, "issued_at": late, "not_before": early})
+    await registry.commit_issuance(second, request=None, audit=h.event(subject="dev-1"))
+    await registry.revoke("acme", serial=others[1].record.serial, reason=1, at=late, audit=h.event("revoke"))
+    lookups = [
+        ("acme", who, b"1" * 16, "dev-4"),     # a replay: the stored certificate, no live list
+        ("acme", who, b"1" * 16, "dev-9"),     # the same key naming another device: still the replay
+        ("acme", who, b"2" * 16, "dev-1"),     # new key: dev-1's two active certificates, in order
+        ("acme", who, b"3" * 16, "dev-2"),     # revoked only: nothing live
+        ("acme", who, b"4" * 16, "dev-3"),     # never seen
+        ("acme", "dev-4", b"1" * 16, "dev-4"),  # another identity's key space
+        ("beta", who, b"1" * 16, "dev-1"),     # another tenant
+        ("acme", who, b"2" * 16, "dev-1"),     # a duplicate lookup
+    ]
+    batched = await registry.find_requests_or_live(lookups)
+    singly = [await registry.find_request_or_live(*lookup) for lookup in lookups]
+    assert batched == singly
+    assert batched[0] == ((b"fp-dev-4", found.record), []) and batched[1] == batched[0]
+    assert [c.serial for c in batched[2][1]] == [others[0].record.serial, second.serial]
+    assert batched[3] == batched[4] == (None, []) and batched[5][1] == [found.record]
+    assert [c.tenant for c in batched[6][1]] == ["beta"]
+    assert batched[2][1] is not batched[7][1]  # each lookup gets its own list
+    assert await registry.find_requests_or_live([]) == []
+
+
 # ---------------------------------------------------------------- commits
 
 
