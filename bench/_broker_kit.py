@@ -207,6 +207,130 @@ def _time_stages(service: Any, totals: dict[str, float]) -> None:
     wrap(service, "_finish", "finish (commit + replies)")
 
 
+
+class _Probe:
+    """Diagnosis (``CERTMQ_BENCH_PROBE=1``): where an unrelated message waits in the broker child.
+
+    - a loop-lag probe: a task asking to wake every 10 ms records how late it wakes and how many
+      callbacks sat in the loop's ready queue then (an iteration runs all of them first);
+    - a watchdog thread: while the probe is overdue by > 30 ms, it samples the loop thread's stack
+      every 5 ms, so code that holds the loop shows up by line;
+    - per-stage timestamps of the pinger's messages (topic ``.../telemetry/ping``) inside the broker:
+      handler task, delivery loop, broadcast queue, broadcast task, write.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self.lags: list[tuple[float, float, int]] = []  # (t, lag, ready callbacks)
+        self.stalls: dict[str, int] = {}
+        self.stages: dict[int, dict[str, float]] = {}
+        self._tick = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread_id = threading.get_ident()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="probe-watchdog")
+
+    def start(self) -> None:
+        """Install the ping-stage hooks, start the lag task and the watchdog."""
+        import struct as _struct
+
+        from broker_plugin import broker as hb
+        from broker_plugin import fanout as fo
+
+        stages = self.stages
+
+        def mark(topic: Any, data: Any, stage: str) -> None:
+            if topic and str(topic).endswith("/telemetry/ping") and data and len(data) >= 8:
+                (seq,) = _struct.unpack("!Q", bytes(data[:8]))
+                stages.setdefault(seq, {}).setdefault(stage, time.perf_counter())
+
+        feed_data = asyncio.StreamReader.feed_data
+        marker = b"/telemetry/ping"
+
+        def on_feed(reader: Any, data: bytes) -> None:
+            at = data.find(marker)
+            if at >= 0 and len(data) >= at + len(marker) + 8:
+                mark("x/telemetry/ping", data[at + len(marker):], "0 bytes in")
+            feed_data(reader, data)
+
+        asyncio.StreamReader.feed_data = on_feed  # type: ignore[method-assign]
+        handle_publish = hb._HardenedHandler.handle_publish  # noqa: SLF001
+
+        async def on_publish(handler: Any, packet: Any) -> None:
+            mark(packet.topic_name, packet.data, "1 handler task")
+            await handle_publish(handler, packet)
+
+        hb._HardenedHandler.handle_publish = on_publish  # type: ignore[method-assign]  # noqa: SLF001
+        delivery = hb.HardenedBroker._handle_message_delivery  # noqa: SLF001
+
+        async def on_delivery(broker: Any, session: Any, handler: Any, wait_deliver: Any) -> Any:
+            message = wait_deliver.result()
+            mark(getattr(message, "topic", None), getattr(message, "data", None), "2 delivery loop")
+            return await delivery(broker, session, handler, wait_deliver)
+
+        hb.HardenedBroker._handle_message_delivery = on_delivery  # type: ignore[method-assign]  # noqa: SLF001
+        broadcast = hb.HardenedBroker._broadcast_message  # noqa: SLF001
+
+        async def on_broadcast(broker: Any, session: Any, topic: Any, data: Any, force_qos: Any = None) -> None:
+            mark(topic, data, "3 broadcast queued")
+            await broadcast(broker, session, topic, data, force_qos)
+
+        hb.HardenedBroker._broadcast_message = on_broadcast  # type: ignore[method-assign]  # noqa: SLF001
+        send = fo.Fanout.send
+
+        def on_send(fan: Any, handler: Any, session: Any, qos: int) -> bool:
+            mark(fan._topic, fan._data, "4 written")  # noqa: SLF001
+            return send(fan, handler, session, qos)
+
+        fo.Fanout.send = on_send  # type: ignore[method-assign]
+        asyncio.get_running_loop().create_task(self._lag())
+        self._thread.start()
+
+    async def _lag(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            want = time.perf_counter() + 0.010
+            await asyncio.sleep(0.010)
+            now = time.perf_counter()
+            self._tick = now
+            self.lags.append((now, now - want, len(loop._ready)))  # type: ignore[attr-defined]  # noqa: SLF001
+
+    def _watch(self) -> None:
+        import traceback
+
+        while not self._stop.wait(0.005):
+            if time.perf_counter() - self._tick < 0.040:
+                continue
+            frame = sys._current_frames().get(self._thread_id)  # noqa: SLF001
+            if frame is None:
+                continue
+            stack = traceback.extract_stack(frame)[-6:]
+            key = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(stack))
+            self.stalls[key] = self.stalls.get(key, 0) + 1
+
+    def report(self) -> dict[str, Any]:
+        """Lag percentiles, the worst lags, the most sampled stall stacks, ping stage delays."""
+        self._stop.set()
+        lags = sorted(lag for _, lag, _ in self.lags)
+        worst = sorted(self.lags, key=lambda x: -x[1])[:15]
+        t0 = self.lags[0][0] if self.lags else 0.0
+        names = sorted({k for st in self.stages.values() for k in st})
+        hops: dict[str, list[float]] = {}
+        for st in self.stages.values():
+            for a, b in zip(names, names[1:]):
+                if a in st and b in st:
+                    hops.setdefault(f"{a} -> {b}", []).append(st[b] - st[a])
+        return {
+            "lag_ms": {f"p{p}": round(1000 * percentile(lags, p), 1) for p in (50, 90, 99, 99.9)}
+            | {"max": round(1000 * max(lags, default=0), 1), "n": len(lags)},
+            "worst_lags": [(round(t - t0, 2), round(1000 * lag, 1), ready) for t, lag, ready in worst],
+            "ready_p99": percentile(sorted(r for _, _, r in self.lags), 99),
+            "stalls": sorted(self.stalls.items(), key=lambda kv: -kv[1])[:12],
+            "ping_hops_ms": {k: {f"p{p}": round(1000 * percentile(sorted(v), p), 1) for p in (50, 99)}
+                             | {"max": round(1000 * max(v), 1)} for k, v in hops.items()},
+        }
+
+
 async def _serve(config: dict[str, Any], ready: Path) -> None:
     from broker_plugin.broker import HardenedBroker
     from broker_plugin.plugin import CertmqPlugin
@@ -236,6 +360,9 @@ async def _serve(config: dict[str, Any], ready: Path) -> None:
         loop.slow_callback_duration = slow
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    probe = _Probe() if os.environ.get("CERTMQ_BENCH_PROBE") else None
+    if probe is not None:
+        probe.start()
     await broker.start()
     if plugin.startup_error is not None:
         raise SystemExit(f"plugin did not start: {plugin.startup_error!r}")
@@ -251,6 +378,8 @@ async def _serve(config: dict[str, Any], ready: Path) -> None:
              "signer_round_trips": getattr(plugin.signer, "round_trips", None),
              "stage_seconds": {k: round(v, 3) for k, v in stages.items()},
              "batch_sizes": [n for n, _ in handled], "batch_seconds": [t for _, t in handled]}
+    if probe is not None:
+        stats["probe"] = probe.report()
     ready.with_suffix(".stats.json").write_text(json.dumps(stats))
     await broker.shutdown()
 

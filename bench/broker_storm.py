@@ -391,8 +391,20 @@ async def _main(args: argparse.Namespace) -> int:
             result = await _storm(args, broker, claims, devices, pinger)
         finally:
             stats = broker.stop()
-        stats.pop("batch_sizes", None)
+        sizes = stats.pop("batch_sizes", None) or []
         stats.pop("batch_seconds", None)
+        if sizes:
+            stats["batch_mean"] = round(sum(sizes) / len(sizes), 1)
+        probe = stats.pop("probe", None)
+        if probe is not None:
+            print("broker probe (CERTMQ_BENCH_PROBE):")
+            for key, value in probe.items():
+                if isinstance(value, list):
+                    print(f"  {key}:")
+                    for item in value:
+                        print(f"    {item}")
+                else:
+                    print(f"  {key}: {value}")
         errors = broker.errors()
         result.failures += [f"broker log: {e}" for e in errors[:5]]
         _check_registry(datadir, devices, result)
