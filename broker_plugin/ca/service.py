@@ -1106,12 +1106,17 @@ class CAService:
 
 def _record(pending: _Pending, result: SignResult) -> CertificateRecord:
     assert result.der is not None and result.spki_sha256 is not None
-    cert = x509.load_der_x509_certificate(result.der)
+    if result.not_before is not None and result.not_after is not None:  # as signed: no need to parse
+        not_before = dt.datetime.fromtimestamp(result.not_before, dt.UTC)
+        not_after = dt.datetime.fromtimestamp(result.not_after, dt.UTC)
+    else:
+        cert = x509.load_der_x509_certificate(result.der)
+        not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
     job = pending.job
     list_id, index = job.status_position if job.status_position is not None else (None, None)
     return CertificateRecord(
         tenant=job.tenant, serial=job.serial, device_id=job.device_id, profile=job.profile.label,
-        region=pending.region, not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
+        region=pending.region, not_before=not_before, not_after=not_after,
         der=result.der, spki_sha256=result.spki_sha256, issued_at=job.not_before, status_list_id=list_id,
         status_index=index, kind=pending.kind, replaced_serial=pending.replaced_serial,
     )

@@ -89,12 +89,19 @@ class SignJob:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SignResult:
-    """The outcome of one :class:`SignJob`: a certificate, or a refusal with its wire code."""
+    """The outcome of one :class:`SignJob`: a certificate, or a refusal with its wire code.
+
+    ``not_before`` / ``not_after`` are the certificate's validity in epoch seconds, as signed
+    (:func:`run_job` fills them in), so the service need not parse the certificate to store it;
+    ints, not datetimes, because results are pickled back from worker processes.
+    """
 
     der: bytes | None = None
     spki_sha256: bytes | None = None
     refusal_code: ErrorCode | None = None
     refusal_text: str = ""
+    not_before: int | None = None
+    not_after: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -135,7 +142,13 @@ def run_job(issuer: Issuer, job: SignJob) -> SignResult:
         )
     except PolicyRefusal as refusal:
         return SignResult(refusal_code=refusal.code, refusal_text=refusal.text)
-    return SignResult(der=cert.public_bytes(serialization.Encoding.DER), spki_sha256=hashlib.sha256(spki).digest())
+    return SignResult(der=cert.public_bytes(serialization.Encoding.DER), spki_sha256=hashlib.sha256(spki).digest(),
+                      not_before=_epoch(cert.not_valid_before_utc), not_after=_epoch(cert.not_valid_after_utc))
+
+
+def _epoch(when: dt.datetime) -> int:
+    # X.509 times are whole seconds: exact.
+    return int(when.timestamp())
 
 
 class SigningBackend(Protocol):

@@ -233,3 +233,14 @@ async def test_a_worker_dying_with_two_chunks_queued_fails_both_and_is_replaced_
 def test_depth_must_be_a_positive_int(datadir: Path, bad: object) -> None:
     with pytest.raises(ValueError, match="depth"):
         ProcessPoolSigner(authority_material(datadir, passphrase=PASS), workers=1, depth=bad)  # type: ignore[arg-type]
+
+
+async def test_results_carry_the_validity_they_were_signed_with(pool: ProcessPoolSigner, datadir: Path) -> None:
+    jobs = [_job(f"dev-{i}", i + 1, profile=profile) for i, profile in enumerate([Profile.IDENTITY, Profile.OTA_SIGNING])]
+    inline = InlineSigner(load_authorities(datadir, passphrase=PASS))
+    for results in (await pool.sign(jobs), await inline.sign(jobs)):
+        for result in results:
+            cert = x509.load_der_x509_certificate(result.der)  # type: ignore[arg-type]
+            assert (result.not_before, result.not_after) == (
+                int(cert.not_valid_before_utc.timestamp()), int(cert.not_valid_after_utc.timestamp()))
+        assert results[0].not_after != results[1].not_after  # per profile: not a constant

@@ -177,3 +177,25 @@ async def test_issue_direct_refusals_are_audited(kit: Kit) -> None:
     assert last["tenant"] == "acme" and last["stage"] == "issue_direct" and "dev-2" in last["reason"]
     assert await kit.registry.certificates_for_device("acme", "dev-1") == []
     await kit.audit_ok()
+
+
+async def test_a_backend_without_validity_in_its_results_stores_the_same_records(kit: Kit) -> None:
+    import dataclasses
+
+    class Bare:
+        """A signing backend whose results do not carry the validity (it is read off the certificate)."""
+
+        async def sign(self, jobs: Any) -> Any:
+            return [dataclasses.replace(r, not_before=None, not_after=None) for r in await kit.signer.sign(jobs)]
+
+        async def close(self) -> None:
+            pass
+
+    claim = await kit.claim_credential("acme", "claim-1", max_uses=20)
+    bare = CAService(registry=kit.registry, authorities=kit.authorities, signer=Bare(), clock=kit.clock)
+    for n, service in enumerate((kit.service, bare)):
+        [outcome] = await service.handle_many([_request(claim, f"sensor-{n}")])
+        cert = only_reply(outcome)[1].x509  # type: ignore[union-attr]
+        record = await kit.registry.get_certificate("acme", cert.serial_number)
+        assert record is not None
+        assert (record.not_before, record.not_after) == (cert.not_valid_before_utc, cert.not_valid_after_utc)
