@@ -247,27 +247,81 @@ class _TaskSet:
         return bool(self._items)
 
 
+class _Ingress:
+    """How many packets the connections may take from a backlog per event-loop iteration.
+
+    A packet read from an empty buffer (a device that sends now and then, like one publishing
+    telemetry every 50 ms) is never held. A packet already waiting behind others (a storm's
+    connection with requests piled up) takes a turn: at most ``per_round`` such turns run in one
+    loop iteration, the rest wait, first come first served, for the following iterations. So
+    one iteration handles a bounded amount of the storm (a few ms), the backlog waits in the
+    connections' buffers and then their sockets (TCP backpressure), and an unrelated device's
+    message, which crosses a few iterations on its way through amqtt, is not delayed by the
+    hundreds of storm packets that would otherwise share each of them.
+    """
+
+    __slots__ = ("_per_round", "_scheduled", "_used", "_waiters")
+
+    def __init__(self, per_round: int) -> None:
+        self._per_round = per_round
+        self._used = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._scheduled = False
+
+    async def turn(self) -> None:
+        """Wait for a turn (at least one loop iteration, more while the budget is spent)."""
+        if self._used < self._per_round and not self._waiters:
+            self._used += 1
+            self._schedule()
+            await asyncio.sleep(0)
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._schedule()
+        await waiter  # a cancelled waiter (connection closed) is skipped when its turn comes
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._next_round)
+
+    def _next_round(self) -> None:
+        # call_soon runs this in the next iteration: a new round, whose turns start now
+        self._scheduled = False
+        self._used = 0
+        while self._waiters and self._used < self._per_round:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                self._used += 1
+        if self._used:
+            self._schedule()
+
+
 class _FairReader(StreamReaderAdapter):
-    """Yields to the event loop once per MQTT packet when more data is already buffered.
+    """Takes a turn (:class:`_Ingress`) before each MQTT packet already buffered behind others.
 
     amqtt's reader loop handles every packet already buffered for a connection before it lets
     another run: a client with thousands of PUBLISHes queued (a storm) then holds the loop for
-    all of them while one unrelated client's packet waits. Yielding at a packet's fixed header
-    (its reads are one byte each; the body read re-arms) serves the connections in turn and
-    leaves the backlog in the socket buffers (TCP backpressure). With nothing buffered the read
-    suspends anyway, so an idle or lightly loaded connection pays nothing.
+    all of them while one unrelated client's packet waits. Waiting for a turn at a packet's
+    fixed header (its reads are one byte each; the body read re-arms) serves the connections in
+    turn, a bounded number per loop iteration, and leaves the backlog in the socket buffers (TCP
+    backpressure). With nothing buffered the read suspends anyway, so an idle or lightly loaded
+    connection pays nothing.
     """
 
-    def __init__(self, reader: asyncio.StreamReader) -> None:
+    def __init__(self, reader: asyncio.StreamReader, ingress: _Ingress) -> None:
         super().__init__(reader)
         self._armed = True
+        self._ingress = ingress
 
     async def read(self, n: int = -1) -> bytes:
         if n != 1:
             self._armed = True
-        elif self._armed and self._reader._buffer:  # noqa: SLF001 - a backlog: let others run first
+        elif self._armed:  # a packet's first byte
             self._armed = False
-            await asyncio.sleep(0)
+            if self._reader._buffer:  # noqa: SLF001 - a backlog: let others run first
+                await self._ingress.turn()
         return await super().read(n)
 
 
@@ -322,11 +376,14 @@ class HardenedBroker(Broker):
         connect_timeout: float = 10.0,
         kick_grace: float = 0.5,
         stream_limit: int = 16 * 1024,
+        ingress_per_round: int = 32,
     ) -> None:
         if not isinstance(ssl_context, ssl.SSLContext) or ssl_context.verify_mode != ssl.CERT_REQUIRED:
             raise ValueError("ssl_context must be an ssl.SSLContext with verify_mode CERT_REQUIRED")
         if keepalive_factor < 1 or connect_timeout <= 0 or kick_grace <= 0 or stream_limit < 1024:
             raise ValueError("keepalive_factor >= 1, connect_timeout > 0, kick_grace > 0, stream_limit >= 1024")
+        if ingress_per_round < 1:
+            raise ValueError("ingress_per_round must be >= 1")
         if isinstance(config, dict):
             config = dict(config)
             config.setdefault("plugins", {})
@@ -345,6 +402,7 @@ class HardenedBroker(Broker):
         self._connect_timeout = connect_timeout
         self._kick_grace = kick_grace
         self._stream_limit = stream_limit
+        self._ingress = _Ingress(ingress_per_round)
         self._trie = TopicTrie()
         self._client_filters: dict[str, dict[str, int]] = {}
         self._identities: dict[str, Any] = {}
@@ -463,7 +521,7 @@ class HardenedBroker(Broker):
         if server is None:
             raise BrokerError(f"Invalid listener name '{listener_name}'")
         if type(reader) is StreamReaderAdapter:
-            reader = _FairReader(reader._reader)  # noqa: SLF001
+            reader = _FairReader(reader._reader, self._ingress)  # noqa: SLF001
         await server.acquire_connection()
         try:
             await self._serve(listener_name, server, reader, writer)
