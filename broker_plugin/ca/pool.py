@@ -309,8 +309,13 @@ class ProcessPoolSigner:
         # One answer per call (the loop calls again while more is buffered), to its chunk's caller.
         try:
             results = worker.conn.recv()
-        except BaseException as exc:  # EOF: the worker died; every chunk it held is lost
-            self._drop(worker, exc if isinstance(exc, Exception) else EOFError("worker gone"))
+        except (EOFError, OSError) as exc:  # the worker died; every chunk it held is lost
+            self._drop(worker, exc)
+            return
+        except Exception as exc:  # an unreadable answer: the stream is out of step, so the worker goes
+            with contextlib.suppress(OSError):
+                worker.process.kill()
+            self._drop(worker, EOFError(f"unreadable answer: {type(exc).__name__}: {exc}"))
             return
         if worker.waiting:
             waiter = worker.waiting.popleft()
@@ -350,7 +355,7 @@ class ProcessPoolSigner:
             code = worker.process.returncode
             raise WorkerCrashed(
                 f"signing worker {worker.index} (pid {worker.pid}) died (exit code {code}) holding {len(jobs)} "
-                f"job(s); they were not signed and may be retried ({type(exc).__name__})"
+                f"job(s); they were not signed and may be retried ({type(exc).__name__}{f': {exc}' if str(exc) else ''})"
             ) from None
         if len(results) != len(jobs):
             raise SigningPoolError(f"signing worker {worker.index} returned {len(results)} results for {len(jobs)} jobs")

@@ -244,3 +244,22 @@ async def test_results_carry_the_validity_they_were_signed_with(pool: ProcessPoo
             assert (result.not_before, result.not_after) == (
                 int(cert.not_valid_before_utc.timestamp()), int(cert.not_valid_after_utc.timestamp()))
         assert results[0].not_after != results[1].not_after  # per profile: not a constant
+
+
+async def test_an_unreadable_answer_counts_as_a_crash_and_the_worker_is_replaced(datadir: Path) -> None:
+    import pickle
+
+    async with ProcessPoolSigner(authority_material(datadir, passphrase=PASS), workers=1, max_batch=8) as pool:
+        victim = pool.worker_pids[0]
+        conn = pool._workers[0].conn  # noqa: SLF001 - a stream out of step cannot be made from outside
+
+        def garbled() -> object:
+            conn.recv_bytes()  # the real answer is consumed, so nothing is left to read
+            raise pickle.UnpicklingError("garbled")
+
+        conn.recv = garbled  # type: ignore[method-assign]
+        with pytest.raises(WorkerCrashed, match="unreadable answer"):
+            await pool.sign([_job(f"dev-{i}", i + 1) for i in range(8)])
+        assert pool.worker_pids[0] != victim
+        [after] = await pool.sign([_job("after", 99)])
+        assert after.ok
