@@ -215,6 +215,7 @@ class _Connection:
     session: Session
     handler: BrokerProtocolHandler
     writer: WriterAdapter
+    reader: ReaderAdapter | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     suppress_will: bool = False
 
@@ -299,21 +300,25 @@ class _Ingress:
 
 
 class _FairReader(StreamReaderAdapter):
-    """Takes a turn (:class:`_Ingress`) before each MQTT packet already buffered behind others.
+    """Yields before each MQTT packet already buffered behind others; a bulk connection takes a turn.
 
     amqtt's reader loop handles every packet already buffered for a connection before it lets
     another run: a client with thousands of PUBLISHes queued (a storm) then holds the loop for
-    all of them while one unrelated client's packet waits. Waiting for a turn at a packet's
-    fixed header (its reads are one byte each; the body read re-arms) serves the connections in
-    turn, a bounded number per loop iteration, and leaves the backlog in the socket buffers (TCP
-    backpressure). With nothing buffered the read suspends anyway, so an idle or lightly loaded
-    connection pays nothing.
+    all of them while one unrelated client's packet waits. At a packet's fixed header (its reads
+    are one byte each; the body read re-arms) a reader with more data buffered yields once, so
+    the connections are served in turn and the backlog stays in the socket buffers (TCP
+    backpressure). A connection marked bulk (:meth:`HardenedBroker.mark_bulk`: the in-process
+    CA's storm) waits for an :class:`_Ingress` turn instead, so its backlog adds a bounded
+    amount of work to each loop iteration, however many such connections there are. With
+    nothing buffered the read suspends anyway, so an idle or lightly loaded connection pays
+    nothing.
     """
 
     def __init__(self, reader: asyncio.StreamReader, ingress: _Ingress) -> None:
         super().__init__(reader)
         self._armed = True
         self._ingress = ingress
+        self.bulk_until = 0.0  # loop time until which this connection's backlog takes turns
 
     async def read(self, n: int = -1) -> bytes:
         if n != 1:
@@ -321,7 +326,10 @@ class _FairReader(StreamReaderAdapter):
         elif self._armed:  # a packet's first byte
             self._armed = False
             if self._reader._buffer:  # noqa: SLF001 - a backlog: let others run first
-                await self._ingress.turn()
+                if self.bulk_until and self.bulk_until > asyncio.get_running_loop().time():
+                    await self._ingress.turn()
+                else:
+                    await asyncio.sleep(0)
         return await super().read(n)
 
 
@@ -362,6 +370,9 @@ class HardenedBroker(Broker):
       ``subscribe`` (topic = the filter) or ``receive`` (every delivery,
       retained ones included). Messages published by in-process code
       (``broadcast_message``, :meth:`deliver_to`) skip the ``publish`` check.
+
+    ``ingress_per_round``: packets that connections marked bulk (:meth:`mark_bulk`) may take
+    from their backlog per event-loop iteration, all of them together.
     """
 
     def __init__(
@@ -467,6 +478,19 @@ class HardenedBroker(Broker):
             return False
         await conn.handler.mqtt_publish(topic, bytes(data), qos, retain=False)
         return True
+
+    def mark_bulk(self, client_id: str, seconds: float = 1.0) -> None:
+        """Treat ``client_id``'s connection as bulk traffic for the next ``seconds``.
+
+        While it is, each packet already buffered behind others on it waits for an ingress turn
+        (at most ``ingress_per_round`` such packets per event-loop iteration, broker-wide, first
+        come first served) instead of being read at once. The in-process CA marks the
+        connections it serves, so a storm's backlog waits in their sockets and every other
+        connection's traffic goes ahead of it. Nothing is refused or reordered within a connection.
+        """
+        conn = self._live.get(client_id)
+        if conn is not None and isinstance(conn.reader, _FairReader):
+            conn.reader.bulk_until = asyncio.get_running_loop().time() + seconds
 
     def deliver_now(self, client_id: str, topic: str, data: bytes) -> bool | None:
         """Write one QoS 0 PUBLISH to ``client_id``'s live connection now: no task, no await.
@@ -614,6 +638,7 @@ class HardenedBroker(Broker):
                 session=session,
                 handler=handler,
                 writer=writer,
+                reader=reader,
             )
             self._live[client_id] = conn
             if isinstance(handler, _HardenedHandler):

@@ -457,6 +457,8 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
     def submit(self, client_id: str, identity: acl.SessionIdentity, parsed: ParsedTopic, payload: bytes) -> None:
         """Queue one request (or answer BUSY / RATE_LIMITED at once)."""
         self.stats["requests"] += 1
+        # This connection's backlog is the CA's load: it takes ingress turns, other traffic goes first.
+        self.broker.mark_bulk(client_id)
         # A claim credential serves a whole production line: limit it per claimed device id.
         key = (identity.principal, parsed.device_id) if identity.kind is IdentityKind.BOOTSTRAP else identity.principal
         request = _Request(client_id, identity, parsed, parsed.topic, payload, time.monotonic())
