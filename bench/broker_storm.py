@@ -386,6 +386,8 @@ async def _main(args: argparse.Namespace) -> int:
             devices.append(_Device(name, i % args.connections, rid,
                                    encode(CertificateRequest(request_id=rid, profile=Profile.IDENTITY, csr=csr))))
         plugin = {"workers": args.workers, "queue_capacity": args.queue}
+        if args.health_interval is not None:
+            plugin["health_interval"] = args.health_interval
         broker = BrokerChild(datadir, plugin=plugin, tag="storm")
         try:
             result = await _storm(args, broker, claims, devices, pinger)
@@ -425,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="nice value for the signing worker processes (default 0)")
     parser.add_argument("--client-nice", type=int, default=0,
                         help="nice value for the storm's device clients (default 0; the pinger keeps 0)")
+    parser.add_argument("--health-interval", type=float, default=None,
+                        help="the plugin's health_interval (default: the plugin's own, 60 s; 0: no health checks)")
     parser.add_argument("--ping-interval", type=float, default=0.05, help="pinger period (default 0.05 s)")
     parser.add_argument("--ping-lost-after", type=float, default=PING_LOST_AFTER,
                         help="a ping not back after this many seconds is lost (default 5)")

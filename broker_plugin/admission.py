@@ -26,8 +26,10 @@ __all__ = ["AdmissionQueue", "RateLimiter", "Refusal"]
 
 T = TypeVar("T")
 
-_DRAIN_WINDOW = 10.0  # seconds of take() history behind the drain-rate estimate
+_DRAIN_WINDOW = 10.0  # seconds of take() history that must show work before the estimate is trusted
 _MIN_DRAINED = 50  # requests taken in that window before the estimate is trusted (a held worker is not a rate)
+_CAPACITY_WINDOW = 60.0  # seconds over which the best drain rate is remembered
+_CAPACITY_SPAN = 2  # the drain rate is measured over this many whole seconds (one big batch is not a rate)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -95,9 +97,12 @@ class AdmissionQueue(Generic[T]):
     devices do not come back together). ``period`` is ``busy_retry`` unless more requests were
     refused than the queue drains: then it is the time the workers need for the requests waiting
     (the queue plus the requests refused in the last retry cycle, each of which comes back once per
-    cycle) at the drain rate of the last ten seconds, at most ``busy_retry_max``. So a storm's
-    retries arrive about as fast as they can be served, instead of returning every few seconds
-    and spending the broker on refusals. ``rate``/``burst``: the per-key :class:`RateLimiter`
+    cycle) at the best drain rate of the last minute (over two whole seconds), at most
+    ``busy_retry_max``. So a storm's retries arrive about as fast as they can be served, instead
+    of returning every few seconds and spending the broker on refusals. The best rate, not the
+    latest: once the queue runs short, the workers drain only what arrives, and a rate measured
+    then is the retry schedule's own echo (a 50,000-device storm's CA idled at ~140
+    certificates/s while devices waited out a minute-long retry-after). ``rate``/``burst``: the per-key :class:`RateLimiter`
     (``RATE_LIMITED``, retry-after = time until the next token). A ``BUSY`` refusal spends no token.
     """
 
@@ -117,6 +122,7 @@ class AdmissionQueue(Generic[T]):
         self._clock = clock
         self._rng = rng
         self._taken: collections.deque[tuple[float, int]] = collections.deque()  # (when, how many)
+        self._per_second: collections.deque[list[int]] = collections.deque()  # [whole second, taken in it]
         self._first_take: float | None = None
         self._refused_at: collections.deque[float] = collections.deque()  # BUSY refusals of the current cycle
         self.limiter = RateLimiter(rate=rate, burst=burst, clock=clock)
@@ -162,15 +168,45 @@ class AdmissionQueue(Generic[T]):
             self._period = self._busy_retry  # no drain measured yet (or workers stalled): the configured wait
             return self._period
         span = min(_DRAIN_WINDOW, max(1.0, now - self._first_take))
+        rate = max(drained / span, self.drain_capacity(now))
         waiting = len(self._refused_at) + len(self._items)
-        self._period = min(self._busy_retry_max, max(self._busy_retry, waiting * span / drained))
+        self._period = min(self._busy_retry_max, max(self._busy_retry, waiting / rate))
         return self._period
+
+    def drain_capacity(self, now: float | None = None) -> float:
+        """The best drain rate (requests per second) over two whole seconds of the last minute; 0 if none."""
+        now = self._clock() if now is None else now
+        while self._per_second and self._per_second[0][0] < now - _CAPACITY_WINDOW:
+            self._per_second.popleft()
+        best = 0
+        window: collections.deque[list[int]] = collections.deque()
+        total = 0
+        current = math.floor(now)
+        for bucket in self._per_second:
+            if bucket[0] >= current:
+                break  # the second under way is not whole yet
+            window.append(bucket)
+            total += bucket[1]
+            while window[0][0] <= bucket[0] - _CAPACITY_SPAN:
+                total -= window.popleft()[1]
+            best = max(best, total)
+        return best / _CAPACITY_SPAN
+
+    def _record_take(self, now: float, n: int) -> None:
+        if self._first_take is None:
+            self._first_take = now
+        self._taken.append((now, n))
+        second = math.floor(now)
+        if self._per_second and self._per_second[-1][0] == second:
+            self._per_second[-1][1] += n
+        else:
+            self._per_second.append([second, n])
 
     def take_nowait(self, most: int) -> list[T]:
         """Remove and return up to ``most`` queued items now (possibly none), oldest first."""
         batch = [self._items.popleft() for _ in range(min(max(most, 0), len(self._items)))]
         if batch:
-            self._taken.append((self._clock(), len(batch)))
+            self._record_take(self._clock(), len(batch))
         if not self._items and self._ready is not None:
             self._ready.clear()
         return batch
@@ -186,9 +222,7 @@ class AdmissionQueue(Generic[T]):
             await self._ready.wait()
         batch = [self._items.popleft() for _ in range(min(most, len(self._items)))]
         now = self._clock()
-        if self._first_take is None:
-            self._first_take = now
-        self._taken.append((now, len(batch)))
+        self._record_take(now, len(batch))
         if not self._items:
             self._ready.clear()
         return batch

@@ -103,3 +103,72 @@ async def test_take_nowait_tops_up_a_batch_without_waiting() -> None:
 def test_bad_settings_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         AdmissionQueue(**kwargs)  # type: ignore[arg-type]
+
+
+def _flooded(clock: FakeClock, *, busy_retry: float = 1.0, busy_retry_max: float = 600.0) -> AdmissionQueue[int]:
+    """A queue whose capacity (10) is full, with the jitter draw fixed at 0 (retry_after = ceil(period))."""
+    queue: AdmissionQueue[int] = AdmissionQueue(capacity=10, busy_retry=busy_retry, busy_retry_max=busy_retry_max,
+                                                rate=0, clock=clock, rng=lambda: 0.0)
+    for i in range(10):
+        queue.offer("k", i)
+    return queue
+
+
+def _drain(queue: AdmissionQueue[int], clock: FakeClock, *, per_second: int, seconds: int) -> None:
+    """``per_second`` requests taken each second for ``seconds`` seconds, the queue topped up again."""
+    for _ in range(seconds):
+        for _ in range(per_second // 10):
+            queue.take_nowait(10)
+            for i in range(10):
+                assert queue.offer("k", i) is None
+        clock.now += 1.0
+
+
+def test_busy_retry_after_follows_the_best_drain_rate_not_the_latest() -> None:
+    # Saturated workers drained 1,000/s; then, the devices having been sent away, only 100/s
+    # arrived and were drained. Sized by the recent rate, 20,000 refused devices would wait
+    # ~200 s while the workers idle; by the best rate they come back over ~20 s.
+    clock = FakeClock()
+    queue = _flooded(clock)
+    _drain(queue, clock, per_second=1000, seconds=3)
+    _drain(queue, clock, per_second=100, seconds=20)
+    refusals = [queue.offer("d", n) for n in range(20_000)]
+    assert all(r is not None and r.code == ErrorCode.BUSY for r in refusals)
+    assert 19 <= refusals[-1].retry_after <= 21  # type: ignore[union-attr]
+    assert queue.drain_capacity() == pytest.approx(1000.0)
+
+
+def test_best_drain_rate_is_forgotten_after_a_minute() -> None:
+    clock = FakeClock()
+    queue = _flooded(clock)
+    _drain(queue, clock, per_second=1000, seconds=3)
+    _drain(queue, clock, per_second=100, seconds=70)
+    assert queue.drain_capacity() == pytest.approx(100.0)
+    refusals = [queue.offer("d", n) for n in range(2_000)]
+    assert 19 <= refusals[-1].retry_after <= 21  # type: ignore[union-attr]
+
+
+def test_one_big_batch_is_not_a_drain_rate() -> None:
+    # 500 taken at once, nothing more: spread over the two-second span it is 250/s, not 500/s
+    clock = FakeClock()
+    queue: AdmissionQueue[int] = AdmissionQueue(capacity=1000, rate=0, clock=clock)
+    for i in range(500):
+        queue.offer("k", i)
+    assert len(queue.take_nowait(500)) == 500
+    assert queue.drain_capacity() == 0.0  # the second under way is not counted yet
+    clock.now += 1.0
+    assert queue.drain_capacity() == pytest.approx(250.0)
+
+
+def test_busy_retry_after_stays_within_its_bounds_with_jitter() -> None:
+    clock = FakeClock()
+    draws = iter([0.0, 0.999] * 10_002)
+    queue: AdmissionQueue[int] = AdmissionQueue(capacity=10, busy_retry=5.0, busy_retry_max=60.0, rate=0,
+                                                clock=clock, rng=lambda: next(draws))
+    for i in range(10):
+        queue.offer("k", i)
+    _drain(queue, clock, per_second=100, seconds=5)
+    few = [queue.offer("d", n).retry_after for n in range(2)]  # type: ignore[union-attr]
+    assert few == [5, 10]  # little waiting: the configured base, jittered in [T, 2T)
+    many = [queue.offer("d", n).retry_after for n in range(20_000)]  # type: ignore[union-attr]
+    assert many[-2:] == [60, 120]  # 20,000 at 100/s would be 200 s: capped at busy_retry_max
