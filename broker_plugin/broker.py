@@ -181,8 +181,7 @@ class _HardenedHandler(BrokerProtocolHandler):
         qos = publish_packet.qos
         if (deliver is None or qos not in (0, 1) or not topic or "#" in topic or "+" in topic
                 or publish_packet.data is None or self.session is None):
-            # QoS 2 (its PUBREC/PUBREL flow) and protocol violations (the message loop closes
-            # the connection) take amqtt's way
+            # QoS 2 (its PUBREC/PUBREL flow) and protocol violations keep amqtt's handling
             await super().handle_publish(publish_packet)
             return
         packet_id = publish_packet.variable_header.packet_id if publish_packet.variable_header else None
@@ -249,12 +248,13 @@ class _TaskSet:
 
 
 class _Ingress:
-    """How many packets the connections may take from a backlog per event-loop iteration.
+    """How many packets bulk connections may take from their backlog per event-loop iteration.
 
     A packet read from an empty buffer (a device that sends now and then, like one publishing
-    telemetry every 50 ms) is never held. A packet already waiting behind others (a storm's
-    connection with requests piled up) takes a turn: at most ``per_round`` such turns run in one
-    loop iteration, the rest wait, first come first served, for the following iterations. So
+    telemetry every 50 ms) is never held, nor is any packet of a connection not marked bulk
+    (:meth:`HardenedBroker.mark_bulk`). A bulk connection's packet already waiting behind
+    others (a storm's requests piled up) takes a turn: at most ``per_round`` such turns run in
+    one loop iteration, the rest wait, first come first served, for the following iterations. So
     one iteration handles a bounded amount of the storm (a few ms), the backlog waits in the
     connections' buffers and then their sockets (TCP backpressure), and an unrelated device's
     message, which crosses a few iterations on its way through amqtt, is not delayed by the
