@@ -28,7 +28,9 @@ connections the way a factory provisioning line does):
   signing processes) has its VmRSS sampled every 250 ms.
 
 Afterwards the registry is read: exactly one certificate per device, the serial each device
-received. Requirements (exit 1 if any fails): 100 % issued, 0 hard failures (timeouts, lost or
+received. ``CERTMQ_BENCH_PROBE=1`` also prints, from inside the broker child, the event loop's
+lag, the stacks it was stalled in and the delay of each stage of the pinger's messages
+(``bench/_broker_kit.py`` ``_Probe``; it costs the broker a little, so report runs without it). Requirements (exit 1 if any fails): 100 % issued, 0 hard failures (timeouts, lost or
 unexpected replies, duplicate certificates), peak broker RSS < 1 GiB, ping p99 < 100 ms.
 """
 
