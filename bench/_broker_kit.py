@@ -225,6 +225,7 @@ class _Probe:
         self.lags: list[tuple[float, float, int]] = []  # (t, lag, ready callbacks)
         self.stalls: dict[str, int] = {}
         self.stages: dict[int, dict[str, float]] = {}
+        self.gc_pauses: list[tuple[float, float, int, int]] = []  # (end, seconds, generation, collected)
         self._tick = time.perf_counter()
         self._stop = threading.Event()
         self._thread_id = threading.get_ident()
@@ -283,6 +284,18 @@ class _Probe:
             return send(fan, handler, session, qos)
 
         fo.Fanout.send = on_send  # type: ignore[method-assign]
+        import gc
+
+        gc_started: list[float] = []
+
+        def on_gc(phase: str, info: dict[str, Any]) -> None:
+            if phase == "start":
+                gc_started[:] = [time.perf_counter()]
+            elif gc_started:
+                self.gc_pauses.append((time.perf_counter(), time.perf_counter() - gc_started[0],
+                                       int(info.get("generation", -1)), int(info.get("collected", 0))))
+
+        gc.callbacks.append(on_gc)
         asyncio.get_running_loop().create_task(self._lag())
         self._thread.start()
 
@@ -325,6 +338,9 @@ class _Probe:
             | {"max": round(1000 * max(lags, default=0), 1), "n": len(lags)},
             "worst_lags": [(round(t - t0, 2), round(1000 * lag, 1), ready) for t, lag, ready in worst],
             "ready_p99": percentile(sorted(r for _, _, r in self.lags), 99),
+            "gc_longest": [(round(t - t0, 2), round(1000 * d, 1), g, n)
+                           for t, d, g, n in sorted(self.gc_pauses, key=lambda x: -x[1])[:6]],
+            "gc_gen2_count": sum(1 for *_, g, _n in self.gc_pauses if g == 2),
             "stalls": sorted(self.stalls.items(), key=lambda kv: -kv[1])[:12],
             "ping_hops_ms": {k: {f"p{p}": round(1000 * percentile(sorted(v), p), 1) for p in (50, 99)}
                              | {"max": round(1000 * max(v), 1)} for k, v in hops.items()},

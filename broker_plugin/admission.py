@@ -192,9 +192,17 @@ class AdmissionQueue(Generic[T]):
             best = max(best, total)
         return best / _CAPACITY_SPAN
 
+    def taken_rate(self, seconds: float = _DRAIN_WINDOW) -> float:
+        """Requests taken per second over the last ``seconds`` (at most the 10 s kept)."""
+        now = self._clock()
+        seconds = min(max(seconds, 1e-9), _DRAIN_WINDOW)
+        return sum(n for at, n in self._taken if at >= now - seconds) / seconds
+
     def _record_take(self, now: float, n: int) -> None:
         if self._first_take is None:
             self._first_take = now
+        while self._taken and self._taken[0][0] < now - _DRAIN_WINDOW:  # bounded without refusals too
+            self._taken.popleft()
         self._taken.append((now, n))
         second = math.floor(now)
         if self._per_second and self._per_second[-1][0] == second:

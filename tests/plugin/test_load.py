@@ -7,6 +7,9 @@ import asyncio
 import contextlib
 import os
 
+import pytest
+
+from broker_plugin import plugin as plugin_module
 from broker_plugin.plugin import CertmqPlugin
 from protocol.codec import encode
 from protocol.codes import ErrorCode, Profile
@@ -104,3 +107,29 @@ async def test_batch_linger_only_while_requests_flow(make_broker, ca: Ca) -> Non
                 _, msg = await next_message(c, 10)
                 assert isinstance(msg, CertificateIssued)
     assert batches == [1, 1, 2]
+
+
+async def test_health_report_waits_while_the_ca_serves_a_storm(make_broker, ca: Ca,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A report due during a storm (the CA taking > 50 requests/s) waits for its end; then it runs."""
+    monkeypatch.setattr(plugin_module, "_HEALTH_QUIET", 1.0)  # 30 s in production
+    broker = await make_broker(health_interval=0.2)
+    plugin = CertmqPlugin.of(broker)
+    storm = {"rate": 1000.0}
+    monkeypatch.setattr(plugin.admission, "taken_rate", lambda *_: storm["rate"])
+    runs: list[float] = []
+    real_run = plugin.fleet.run
+
+    async def counted(*args: object) -> object:
+        runs.append(asyncio.get_running_loop().time())
+        return await real_run(*args)
+
+    monkeypatch.setattr(plugin.fleet, "run", counted)
+    await asyncio.sleep(1.0)  # five intervals: every report is held back
+    assert runs == []
+    storm["rate"] = 0.0
+    for _ in range(60):
+        if len(runs) >= 2:
+            break
+        await asyncio.sleep(0.1)
+    assert len(runs) >= 2  # the held report (a quiet second after the storm), then the periodic ones again
