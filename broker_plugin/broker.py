@@ -893,10 +893,25 @@ class HardenedBroker(Broker):
         topic = broadcast["topic"]
         watched = bool(self.plugins_manager._event_plugin_callbacks.get(MQTTEvents.PACKET_SENT))  # noqa: SLF001
         fanout = Fanout(topic, broadcast["data"], watched=watched)
+        # The receive ACL inline, not a coroutine per subscriber: a revocation delta goes to
+        # every validator and device of a region at once.
+        identities, hook = self._identities, self.acl_hook
+        topic_plugins = bool(self.plugins_manager._topic_plugins and self.plugins_manager.is_topic_filtering_enabled())  # noqa: SLF001
         for topic_filter in self._trie.match(topic):
             for target_session, sub_qos in list(self._subscriptions.get(topic_filter, ())):
                 qos = broadcast.get("qos", sub_qos)
-                if not await self._receive_allowed(target_session, topic):
+                identity = identities.get(target_session.client_id or "")
+                if identity is None:
+                    continue
+                try:
+                    allowed = hook(identity, "receive", topic)
+                    if inspect.isawaitable(allowed):
+                        allowed = await allowed
+                except Exception:  # noqa: BLE001 - a failing ACL denies
+                    _log.exception("ACL hook failed")
+                    continue
+                if not allowed or (topic_plugins and not await Broker._topic_filtering(  # noqa: SLF001
+                        self, target_session, topic, Action.RECEIVE)):
                     continue
                 state = target_session.transitions.state
                 if state != "connected":
@@ -911,25 +926,6 @@ class HardenedBroker(Broker):
                     # awaits the drain), a closing transport, or a plugin watching sent packets.
                     running_tasks.append(asyncio.ensure_future(_queued_publish(handler, topic, broadcast["data"], qos)))
         fanout.arm_timeout()
-
-    async def _receive_allowed(self, session: Session, topic: str) -> bool:
-        """``_topic_filtering(..., RECEIVE)`` without a coroutine per subscriber for a plain hook."""
-        identity = self._identities.get(session.client_id or "")
-        if identity is None:
-            return False
-        try:
-            allowed = self.acl_hook(identity, "receive", topic)
-            if inspect.isawaitable(allowed):
-                allowed = await allowed
-        except Exception:  # noqa: BLE001 - a failing ACL denies
-            _log.exception("ACL hook failed")
-            return False
-        if not allowed:
-            return False
-        # amqtt's check only asks topic plugins (none: allowed); skip its two coroutines then
-        if self.plugins_manager._topic_plugins and self.plugins_manager.is_topic_filtering_enabled():  # noqa: SLF001
-            return await Broker._topic_filtering(self, session, topic, Action.RECEIVE)  # noqa: SLF001
-        return True
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Session) -> None:
         topic_filter, qos = subscription
