@@ -90,6 +90,15 @@ class SessionIdentity:
         publish, receive = grants(self)
         return tuple(tuple(p.split("/")) for p in publish), tuple(tuple(p.split("/")) for p in receive)
 
+    @cached_property
+    def _received(self) -> dict[str, bool]:
+        # receive answers by topic name: a session receives a handful of distinct topics (its
+        # replies, its region's feed, its app topics), each delta of a region on the same one
+        return {}
+
+
+_RECEIVED_KEPT = 64  # receive answers remembered per session (an app topic tree can be large)
+
 
 def grants(identity: SessionIdentity) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """``(publish patterns, receive patterns)`` of ``identity`` as MQTT filters (bootstrap: none,
@@ -169,6 +178,13 @@ def allowed(identity: Any, action: str, topic: str) -> bool:
         return _bootstrap(identity, action, topic)
     if action == "subscribe":
         return any(filter_within(topic, p) for p in grants(identity)[1])
-    publish, receive = identity._levels  # noqa: SLF001 - the cached split of grants()
+    if action == "receive":
+        known = identity._received  # noqa: SLF001
+        answer = known.get(topic)
+        if answer is None:
+            answer = any(_matches_levels(p, topic.split("/")) for p in identity._levels[1])  # noqa: SLF001
+            if len(known) < _RECEIVED_KEPT:
+                known[topic] = answer
+        return answer
     levels = topic.split("/")
-    return any(_matches_levels(p, levels) for p in (publish if action == "publish" else receive))
+    return any(_matches_levels(p, levels) for p in identity._levels[0])  # noqa: SLF001
