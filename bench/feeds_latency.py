@@ -245,6 +245,11 @@ async def _main(args: argparse.Namespace) -> int:
                   f"p50 {percentile([last for _, last in rounds], 50):.1f} ms, max {max(last for _, last in rounds):.1f} ms;"
                   f" last arrival by round: {[round(last) for _, last in rounds]}")
         print("broker stats:", {k: stats.get(k) for k in ("requests", "kicked", "deltas")})
+        probe = stats.get("probe")
+        if probe is not None:
+            print("broker probe (CERTMQ_BENCH_PROBE):")
+            for key, value in probe.items():
+                print(f"  {key}:", *(value if isinstance(value, list) else [value]), sep="\n    ")
         errors = broker.errors()
         if errors:
             print("broker errors:", *errors[:10], sep="\n  ")
