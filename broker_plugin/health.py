@@ -38,6 +38,12 @@ demand, :meth:`FleetMonitor.run`) assesses each tenant, stores the report in the
 ``certmq status`` shows as the broker's view) and hands its JSON to a publish callback (the
 plugin sends it retained on ``certmq/v1/{tenant}/ops/findings``).
 
+A report must not stall the broker's event loop (every device's traffic waits behind it). A
+tenant of :data:`ISOLATE_FROM` certificates or more is read a page at a time, packed into plain
+tuples and assessed by :func:`assess` in a short-lived child interpreter; the result comes back
+in slices. A thread was not enough: its ~25 us of Python per certificate competed for the GIL
+with the loop, which stalled 1.2-1.8 s per report at ~48,000 certificates.
+
 The checks know the registry's value types, the policy and the renewal arithmetic, nothing of
 MQTT, SQL or the clock; the monitor knows asyncio and the registry interface, not amqtt.
 """
@@ -51,10 +57,14 @@ import datetime as dt
 import enum
 import json
 import logging
+import os
+import pickle
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from protocol.codes import Profile
@@ -65,6 +75,7 @@ from .store.base import CertificateKind, CertificateRecord, CertificateStatus, S
 
 __all__ = [
     "EXPIRY_HORIZONS",
+    "ISOLATE_FROM",
     "Check",
     "DeviceSeen",
     "FleetHealth",
@@ -86,6 +97,10 @@ _DAY = dt.timedelta(days=1)
 _NEVER = dt.datetime.min.replace(tzinfo=dt.UTC)
 #: Findings per check in a published report (the counts stay whole): an MQTT message stays small.
 MAX_PUBLISHED_PER_CHECK = 200
+#: From this many certificates on, :class:`FleetMonitor` assesses a tenant in a child process.
+ISOLATE_FROM = 1000
+#: Records (and findings, devices) handled per turn of the event loop by :class:`FleetMonitor`.
+_SLICE = 500
 
 log = logging.getLogger(__name__)
 
@@ -519,6 +534,99 @@ async def assess_registry(
                   ca_certificates=ca_certificates, settings=settings, key_cache=key_cache)
 
 
+# ------------------------------------------------------------------ assessing in a child process
+#
+# A report over tens of thousands of certificates is ~25 us of Python per record (mostly the
+# renewal arithmetic). In a thread of the broker it held the GIL against the event loop (the loop
+# waits for the GIL after every syscall: 1.2-1.8 s stalls at ~48,000 certificates), so a large
+# tenant is assessed by :func:`assess` itself in a short-lived interpreter. What crosses the pipe
+# is plain tuples pickled a slice at a time on the loop (no long pickle call anywhere in the
+# broker); a certificate whose key the broker already knows travels without its DER.
+
+_CERT_FIELDS = tuple(f.name for f in dataclasses.fields(CertificateRecord))
+_SESSION_FIELDS = tuple(f.name for f in dataclasses.fields(SessionRecord))
+_LIVE_FIELDS = tuple(f.name for f in dataclasses.fields(LiveSession))
+_DER_AT = _CERT_FIELDS.index("der")
+#: Stands in for the DER of a certificate whose key the child is told (it is never parsed).
+_KNOWN_KEY_DER = b"\x30\x00"
+_CHILD_CODE = "from broker_plugin.health import _child_main; _child_main()"
+
+
+def _pack(values: Sequence[Any], names: Sequence[str]) -> bytes:
+    return pickle.dumps([tuple(getattr(v, n) for n in names) for v in values], protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _pack_certificates(records: Sequence[CertificateRecord], keys: KeyCache) -> bytes:
+    rows = []
+    for record in records:
+        row = [getattr(record, n) for n in _CERT_FIELDS]
+        known = keys.get(record.spki_sha256)
+        if known is not None:
+            row[_DER_AT] = known
+        rows.append(tuple(row))
+    return pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _assess_job(job: Mapping[str, Any]) -> dict[str, Any]:
+    """The child's side: rebuild the values from ``job``, :func:`assess` them, return the report in slices."""
+    keys: KeyCache = {}
+    certificates = []
+    for blob in job["certificates"]:
+        for row in pickle.loads(blob):
+            values = dict(zip(_CERT_FIELDS, row))
+            if isinstance(values["der"], tuple):
+                keys[values["spki_sha256"]] = values["der"]
+                values["der"] = _KNOWN_KEY_DER
+            certificates.append(CertificateRecord(**values))
+    given = set(keys)
+    sessions = [SessionRecord(**dict(zip(_SESSION_FIELDS, row))) for blob in job["sessions"] for row in pickle.loads(blob)]
+    live = [LiveSession(**dict(zip(_LIVE_FIELDS, row))) for blob in job["live"] for row in pickle.loads(blob)]
+    report = assess(
+        tenant=job["tenant"], now=job["now"], policy=job["policy"], certificates=certificates, sessions=sessions,
+        live=live, ca_certificates={role: x509.load_der_x509_certificate(der) for role, der in job["cas"].items()},
+        settings=job["settings"], key_cache=keys,
+    )
+    head = {f.name: getattr(report, f.name) for f in dataclasses.fields(FleetHealth)
+            if f.name not in ("findings", "devices")}
+
+    def sliced(values: Sequence[Any]) -> list[bytes]:
+        return [pickle.dumps(values[i:i + _SLICE], protocol=pickle.HIGHEST_PROTOCOL)
+                for i in range(0, len(values), _SLICE)]
+
+    return {"head": head, "findings": sliced(report.findings), "devices": sliced(report.devices),
+            "keys": {spki: info for spki, info in keys.items() if spki not in given}}
+
+
+def _child_main() -> None:
+    """Entry point of the assessment process: a pickled job on stdin, the pickled result on stdout."""
+    job = pickle.load(sys.stdin.buffer)
+    result = _assess_job(job)
+    pickle.dump(result, sys.stdout.buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    sys.stdout.buffer.flush()
+
+
+async def _run_child(job: Mapping[str, Any]) -> dict[str, Any]:
+    # A fresh interpreter on this module rather than multiprocessing's spawn, which re-imports
+    # the caller's __main__ (ca/pool.py does the same); short-lived, so the memory of a report
+    # (~40-50 MiB at 50,000 certificates) goes back to the system with it.
+    data = pickle.dumps(dict(job), protocol=pickle.HIGHEST_PROTOCOL)  # lists of bytes: a copy, not a walk
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _CHILD_CODE, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+    )
+    try:
+        out, err = await proc.communicate(data)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        raise
+    if proc.returncode != 0:
+        tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"the health assessment process failed (exit {proc.returncode}): {tail[0]}")
+    result: dict[str, Any] = pickle.loads(out)  # a dict of lists of bytes: the slices are unpacked on the loop
+    return result
+
+
 # ------------------------------------------------------------------ the broker side
 
 
@@ -532,6 +640,8 @@ class FleetMonitor:
     ``policies`` / ``ca_certificates`` are per tenant; ``live()`` lists the connections open now
     (the broker's own view, used for ``revoked-still-connected``); ``on_report`` gets each fresh
     :class:`FleetHealth` (metrics). ``interval`` <= 0: no periodic run (``run`` still works).
+    A tenant of ``isolate_from`` certificates or more is assessed in a child process (module
+    docstring), so a report never holds the event loop for more than a slice of records.
     """
 
     def __init__(
@@ -548,11 +658,14 @@ class FleetMonitor:
         settings: HealthSettings = HealthSettings(),
         interval: float = 60.0,
         flush: float = 1.0,
+        isolate_from: int = ISOLATE_FROM,
     ) -> None:
         if not node:
             raise ValueError("node must be a non-empty name")
         if flush <= 0:
             raise ValueError("flush must be > 0 seconds")
+        if isinstance(isolate_from, bool) or not isinstance(isolate_from, int) or isolate_from < 0:
+            raise ValueError(f"isolate_from must be an int >= 0, got {isolate_from!r}")
         self._registry = registry
         self._policies = dict(policies)
         self._cas = {t: dict(c) for t, c in ca_certificates.items()}
@@ -563,6 +676,7 @@ class FleetMonitor:
         self._on_report = on_report
         self.settings = settings
         self.interval = interval
+        self.isolate_from = isolate_from
         self._flush_every = flush
         self._pending: dict[tuple[str, str, int], SessionUpdate] = {}
         self._live: dict[str, tuple[str, str, int, str, str | None]] = {}  # client id -> tenant, device, serial, kind, remote
@@ -679,13 +793,7 @@ class FleetMonitor:
             live = self._live_view() if self._live_view is not None else self.live_sessions()
             out = []
             for name in sorted(self._policies) if tenant is None else [tenant]:
-                certificates = [c async for c in self._registry.certificates(name)]
-                sessions = await self._registry.sessions(name)
-                report = await asyncio.to_thread(
-                    assess, tenant=name, now=now, policy=self._policies[name], certificates=certificates,
-                    sessions=sessions, live=[s for s in live if s.tenant == name],
-                    ca_certificates=self._cas.get(name, {}), settings=self.settings, key_cache=self._keys,
-                )
+                report = await self._assess(name, now, [s for s in live if s.tenant == name])
                 document = report.to_json(max_findings_per_check=MAX_PUBLISHED_PER_CHECK, devices=False)
                 document["node"] = self.node
                 await self._registry.put_health_report(name, self.node, now, document)
@@ -696,6 +804,48 @@ class FleetMonitor:
                     await self._publish(name, json.dumps(document, sort_keys=True).encode())
                 out.append(report)
             return out
+
+
+    async def _assess(self, tenant: str, now: dt.datetime, live: Sequence[LiveSession]) -> FleetHealth:
+        """:func:`assess` ``tenant`` without holding the event loop for more than a slice at a time.
+
+        Below ``isolate_from`` certificates it runs here (less work than a process); from there
+        on the records are packed a page at a time as they arrive and assessed in a child process.
+        """
+        records: list[CertificateRecord] = []
+        packed: list[bytes] = []
+        count = 0
+        async for record in self._registry.certificates(tenant, page=_SLICE):
+            records.append(record)
+            count += 1
+            if count >= self.isolate_from and len(records) >= _SLICE:
+                packed.append(_pack_certificates(records, self._keys))
+                records = []
+        sessions = await self._registry.sessions(tenant)
+        policy, cas = self._policies[tenant], self._cas.get(tenant, {})
+        if count < self.isolate_from:
+            return assess(tenant=tenant, now=now, policy=policy, certificates=records, sessions=sessions, live=live,
+                          ca_certificates=cas, settings=self.settings, key_cache=self._keys)
+        if records:
+            packed.append(_pack_certificates(records, self._keys))
+        del records
+        job: dict[str, Any] = {"tenant": tenant, "now": now, "policy": policy, "settings": self.settings,
+                               "cas": {role: cert.public_bytes(serialization.Encoding.DER) for role, cert in cas.items()},
+                               "certificates": packed, "sessions": [], "live": []}
+        for key, values, names in (("sessions", sessions, _SESSION_FIELDS), ("live", live, _LIVE_FIELDS)):
+            for start in range(0, len(values), _SLICE):
+                job[key].append(_pack(values[start:start + _SLICE], names))
+                await asyncio.sleep(0)
+        del sessions
+        result = await _run_child(job)
+        del job, packed
+        self._keys.update(result["keys"])
+        parts: dict[str, list[Any]] = {"findings": [], "devices": []}
+        for key, out in parts.items():
+            for blob in result[key]:
+                out.extend(pickle.loads(blob))
+                await asyncio.sleep(0)
+        return FleetHealth(**result["head"], findings=tuple(parts["findings"]), devices=tuple(parts["devices"]))
 
     async def close(self) -> None:
         """Stop the loops and write what is pending (errors are logged)."""
