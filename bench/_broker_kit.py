@@ -208,6 +208,83 @@ def _time_stages(service: Any, totals: dict[str, float]) -> None:
 
 
 
+class _RevocationStages:
+    """Diagnosis (``CERTMQ_BENCH_REVOKE_STAGES=1``): where a revocation's time goes in the broker.
+
+    Per revocation request (a PUBLISH on an operator request topic), milliseconds from its
+    arrival at the plugin to: its batch going to the service, the service's answer, the deltas
+    handed to the feed publisher, the signed delta published, the fan-out's first and last copy.
+    """
+
+    def __init__(self, plugin: Any, broker: Any) -> None:
+        from broker_plugin import fanout as fo
+
+        self.rounds: list[dict[str, float]] = []
+        current: dict[str, float] = {}
+        self._current = current
+
+        def mark(name: str) -> None:
+            if current and name not in current:
+                current[name] = (time.perf_counter() - current["t0"]) * 1000
+
+        submit = plugin.submit
+
+        def on_submit(client_id: str, identity: Any, parsed: Any, payload: bytes) -> None:
+            if "/ops/" in parsed.topic:
+                if current:
+                    self.rounds.append(dict(current))
+                current.clear()
+                current["t0"] = time.perf_counter()
+            submit(client_id, identity, parsed, payload)
+
+        plugin.submit = on_submit
+        handle = plugin._handle  # noqa: SLF001
+
+        async def on_handle(batch: Any) -> Any:
+            mark("1 batch to service")
+            out = await handle(batch)
+            mark("2 service answered")
+            return out
+
+        plugin._handle = on_handle  # noqa: SLF001
+        if plugin.feeds is not None:
+            on_deltas = plugin.feeds.on_deltas
+
+            def deltas(ds: Any) -> None:
+                mark("3 deltas to feed publisher")
+                on_deltas(ds)
+
+            plugin.feeds.on_deltas = deltas
+            publish = plugin.feeds.publish
+
+            async def published(topic: str, payload: bytes, retain: bool) -> None:
+                mark("4 signed delta published")
+                await publish(topic, payload, retain)
+
+            plugin.feeds.publish = published
+        send = fo.Fanout.send
+        fan_out = broker._fan_out  # noqa: SLF001
+
+        def on_send(fan: Any, handler: Any, session: Any, qos: int) -> bool:
+            mark("5 first copy written")
+            return send(fan, handler, session, qos)
+
+        async def on_fan_out(broadcast: Any, running_tasks: Any) -> None:
+            await fan_out(broadcast, running_tasks)
+            if "/rev/" in broadcast["topic"]:
+                mark("6 last copy written")
+
+        fo.Fanout.send = on_send  # type: ignore[method-assign]
+        broker._fan_out = on_fan_out  # noqa: SLF001
+
+    def report(self) -> dict[str, Any]:
+        """Median and max of each stage over the revocations seen."""
+        rounds = self.rounds + ([dict(self._current)] if self._current else [])
+        names = sorted({k for r in rounds for k in r if k != "t0"})
+        return {name: {"p50": round(percentile([r[name] for r in rounds if name in r], 50), 2),
+                       "max": round(max(r[name] for r in rounds if name in r), 2)} for name in names}
+
+
 class _Probe:
     """Diagnosis (``CERTMQ_BENCH_PROBE=1``): where an unrelated message waits in the broker child.
 
@@ -382,6 +459,8 @@ async def _serve(config: dict[str, Any], ready: Path) -> None:
     await broker.start()
     if plugin.startup_error is not None:
         raise SystemExit(f"plugin did not start: {plugin.startup_error!r}")
+    revocation_stages = (_RevocationStages(plugin, broker) if os.environ.get("CERTMQ_BENCH_REVOKE_STAGES")
+                         else None)
     stages: dict[str, float] = {}
     if not config["plugin"].get("echo"):
         _time_stages(plugin.service, stages)
@@ -396,6 +475,8 @@ async def _serve(config: dict[str, Any], ready: Path) -> None:
              "batch_sizes": [n for n, _ in handled], "batch_seconds": [t for _, t in handled]}
     if probe is not None:
         stats["probe"] = probe.report()
+    if revocation_stages is not None:
+        stats["revocation_stages_ms"] = revocation_stages.report()
     ready.with_suffix(".stats.json").write_text(json.dumps(stats))
     await broker.shutdown()
 

@@ -245,6 +245,10 @@ async def _main(args: argparse.Namespace) -> int:
                   f"p50 {percentile([last for _, last in rounds], 50):.1f} ms, max {max(last for _, last in rounds):.1f} ms;"
                   f" last arrival by round: {[round(last) for _, last in rounds]}")
         print("broker stats:", {k: stats.get(k) for k in ("requests", "kicked", "deltas")})
+        if stats.get("revocation_stages_ms"):
+            print("broker revocation stages, ms after the request reached the plugin (CERTMQ_BENCH_REVOKE_STAGES):")
+            for name, value in stats["revocation_stages_ms"].items():
+                print(f"  {name}: p50 {value['p50']}, max {value['max']}")
         probe = stats.get("probe")
         if probe is not None:
             print("broker probe (CERTMQ_BENCH_PROBE):")
