@@ -16,6 +16,9 @@ connection lifecycle so that:
   and its will published;
 - a second connection with the same client id closes the first;
 - a PUBLISH to a ``$`` topic is dropped, the client stays connected;
+- a malformed packet (a PUBLISH whose topic name holds ``+`` or ``#``, a remaining length
+  over four bytes) closes the connection once the packets before it are handled; stock amqtt
+  reads on from inside the rejected packet and takes its payload for the next packets;
 - subscriptions are indexed in a :class:`~broker_plugin.topictrie.TopicTrie`;
 - :meth:`HardenedBroker.kick` closes live sessions, :meth:`HardenedBroker.deliver_to`
   sends a message to one session only.
@@ -45,7 +48,27 @@ from amqtt.broker import AMQTT_MAGIC_VALUE_RET_SUBSCRIBED, Broker, BrokerContext
 from amqtt.contexts import Action, BrokerConfig, ListenerConfig, ListenerType
 from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents, MQTTEvents
+from amqtt.mqtt import packet_class
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.packet import (
+    CONNACK,
+    CONNECT,
+    DISCONNECT,
+    PINGREQ,
+    PINGRESP,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    RESERVED_0,
+    RESERVED_15,
+    SUBACK,
+    SUBSCRIBE,
+    UNSUBACK,
+    UNSUBSCRIBE,
+    MQTTFixedHeader,
+)
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
@@ -74,6 +97,27 @@ _log = logging.getLogger(__name__)
 # already queued: amortises amqtt's ~4 loop iterations per turn, bounded so one connection's
 # backlog holds the loop for a few ms at most.
 _DRAIN_AT_ONCE = 32
+
+# How long the packets a client sent before a malformed one may take to finish (their delivery
+# and PUBACK) before its connection is closed.
+_VIOLATION_GRACE = 2.0
+
+# The handler method for each packet type the reader loop hands to a task (CONNECT is awaited).
+_PACKET_HANDLERS: dict[int, str] = {
+    CONNACK: "handle_connack",
+    SUBSCRIBE: "handle_subscribe",
+    UNSUBSCRIBE: "handle_unsubscribe",
+    SUBACK: "handle_suback",
+    UNSUBACK: "handle_unsuback",
+    PUBACK: "handle_puback",
+    PUBREC: "handle_pubrec",
+    PUBREL: "handle_pubrel",
+    PUBCOMP: "handle_pubcomp",
+    PINGREQ: "handle_pingreq",
+    PINGRESP: "handle_pingresp",
+    PUBLISH: "handle_publish",
+    DISCONNECT: "handle_disconnect",
+}
 
 AclAction = Literal["publish", "subscribe", "receive"]
 IdentityHook = Callable[[x509.Certificate], Any]
@@ -168,6 +212,77 @@ class _HardenedHandler(BrokerProtocolHandler):
     inline: Callable[[IncomingApplicationMessage], Awaitable[bool]] | None = None
     _inbox: deque[IncomingApplicationMessage] | None = None
     _delivering = False
+
+    async def _reader_loop(self) -> None:
+        """amqtt's reader loop, except that a malformed packet closes the connection.
+
+        Stock amqtt catches the ``MQTTError`` a packet's decoder raises ("Message discarded")
+        and reads on. A PUBLISH whose topic name holds a wildcard raises once its topic and
+        packet id are read, before its payload: the loop then takes the payload for the next
+        packets, and whatever it decodes there (a PUBLISH hidden in the payload is delivered as
+        if the client had sent it) swallows the client's real packets that follow. The stream
+        cannot be trusted past such a packet, and MQTT 3.1.1 (§4.8, MQTT-3.3.2-2) says to close
+        the connection: the packets before it still finish (delivered, acknowledged) within
+        ``_VIOLATION_GRACE``, then the connection closes as abnormal (the will is published).
+        Everything else is amqtt's loop: one task per packet, CONNECT awaited, the keep-alive
+        as the read timeout.
+        """
+        if self.session is None or self._reader_ready is None:
+            raise AMQTTError("the reader loop needs a session and a started handler")
+        client_id = self.session.client_id
+        running: deque[asyncio.Task[None]] = deque()
+        timeout: float | None = self.session.keep_alive if self.session.keep_alive > 0 else None
+        violation: str | None = None
+        while True:
+            try:
+                self._reader_ready.set()
+                while running and running[0].done():
+                    running.popleft()
+                if self.reader is None:
+                    break
+                fixed_header = await asyncio.wait_for(MQTTFixedHeader.from_stream(self.reader), timeout=timeout)
+                if not fixed_header:
+                    break  # EOF
+                if fixed_header.packet_type in (RESERVED_0, RESERVED_15):
+                    violation = f"reserved packet type {fixed_header.packet_type}"
+                    break
+                packet = await packet_class(fixed_header).from_stream(self.reader, fixed_header=fixed_header)
+                await self.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=self.session)
+                kind = packet.fixed_header.packet_type if packet.fixed_header is not None else None
+                if kind == CONNECT:
+                    # awaited, as amqtt does: nothing else of this connection runs before it
+                    await self.handle_connect(packet)  # type: ignore[arg-type]
+                    continue
+                name = _PACKET_HANDLERS.get(kind)  # type: ignore[arg-type]
+                if name is None:
+                    _log.warning("%s: unhandled packet type %s", client_id, kind)
+                    continue
+                running.append(asyncio.create_task(getattr(self, name)(packet)))
+            except MQTTError as exc:
+                violation = str(exc)
+                break
+            except asyncio.CancelledError:
+                break
+            except asyncio.TimeoutError:
+                self.handle_read_timeout()
+            except NoDataError:
+                pass  # a truncated packet: the next read sees the EOF
+            except Exception as exc:  # noqa: BLE001 - a packet amqtt cannot decode or handle
+                violation = repr(exc)
+                break
+        if violation is not None:
+            _log.warning("%s: protocol violation (%s): closing the connection", client_id, violation)
+            pending = [task for task in running if not task.done()]
+            if pending:
+                try:
+                    await asyncio.wait(pending, timeout=_VIOLATION_GRACE)
+                except asyncio.CancelledError:
+                    pass  # the broker is stopping this handler: close now, as below
+        while running:
+            running.popleft().cancel()
+        await self.handle_connection_closed()
+        self._reader_stopped.set()
+        await self.stop()
 
     def handle_read_timeout(self) -> None:
         # Stock amqtt logs and keeps reading forever; EOF ends the reader loop,
