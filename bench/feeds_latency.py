@@ -52,7 +52,8 @@ class Subscriber(asyncio.Protocol):
     The 1,000 subscribers share this one process and the broker's 2 cores; with a stream reader
     and a task per connection (``MqttConn``, ``--stream-clients``) reading a copy costs this process
     about as much as writing it costs the broker, so the last arrivals of a round measured the
-    bench's own reading as much as the broker. A real subscriber is a device of its own.
+    bench's own reading as much as the broker. A real subscriber is a device of its own. For the
+    same reason the PUBACKs of the copies read in one loop iteration are written after all of them.
     """
 
     def __init__(self, client_id: str, on_message: Callable[[str, bytes], None]) -> None:
@@ -124,7 +125,22 @@ class Subscriber(asyncio.Protocol):
                 self._waiter.set_result(body)  # CONNACK, SUBACK
         del buf[:pos]
         if acks and self._transport is not None:
-            self._transport.write(b"".join(acks))
+            # Acknowledged after every connection ready in this loop iteration has been read (and
+            # its arrival stamped): the PUBACKs' TLS writes would otherwise delay the stamps of the
+            # copies already waiting in the other 999 sockets. The broker handles PUBACKs after
+            # its fan-out anyway.
+            if not Subscriber._unacked:
+                asyncio.get_running_loop().call_soon(Subscriber._ack_all)
+            Subscriber._unacked.append((self._transport, b"".join(acks)))
+
+    _unacked: list[tuple[asyncio.Transport, bytes]] = []
+
+    @staticmethod
+    def _ack_all() -> None:
+        pending, Subscriber._unacked = Subscriber._unacked, []
+        for transport, acks in pending:
+            if not transport.is_closing():
+                transport.write(acks)
 
     def close(self) -> None:
         """DISCONNECT and close."""
