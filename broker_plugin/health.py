@@ -540,8 +540,13 @@ async def assess_registry(
 # renewal arithmetic). In a thread of the broker it held the GIL against the event loop (the loop
 # waits for the GIL after every syscall: 1.2-1.8 s stalls at ~48,000 certificates), so a large
 # tenant is assessed by :func:`assess` itself in a short-lived interpreter. What crosses the pipe
-# is plain tuples pickled a slice at a time on the loop (no long pickle call anywhere in the
-# broker); a certificate whose key the broker already knows travels without its DER.
+# is plain tuples, pickled a page at a time on the loop and streamed as the pages are read (no
+# long pickle call in the broker, no second copy of the fleet in its memory); a certificate whose
+# key the broker already knows travels without its DER.
+#
+# The stream to the child: a header dict, then ("certificates" | "sessions" | "live", rows)
+# pickles, then None. From the child: one pickled dict whose slices are pickles themselves, so
+# the broker unpacks them one turn of the loop at a time.
 
 _CERT_FIELDS = tuple(f.name for f in dataclasses.fields(CertificateRecord))
 _SESSION_FIELDS = tuple(f.name for f in dataclasses.fields(SessionRecord))
@@ -550,10 +555,11 @@ _DER_AT = _CERT_FIELDS.index("der")
 #: Stands in for the DER of a certificate whose key the child is told (it is never parsed).
 _KNOWN_KEY_DER = b"\x30\x00"
 _CHILD_CODE = "from broker_plugin.health import _child_main; _child_main()"
+_PICKLE = pickle.HIGHEST_PROTOCOL
 
 
-def _pack(values: Sequence[Any], names: Sequence[str]) -> bytes:
-    return pickle.dumps([tuple(getattr(v, n) for n in names) for v in values], protocol=pickle.HIGHEST_PROTOCOL)
+def _pack(kind: str, values: Sequence[Any], names: Sequence[str]) -> bytes:
+    return pickle.dumps((kind, [tuple(getattr(v, n) for n in names) for v in values]), protocol=_PICKLE)
 
 
 def _pack_certificates(records: Sequence[CertificateRecord], keys: KeyCache) -> bytes:
@@ -564,23 +570,35 @@ def _pack_certificates(records: Sequence[CertificateRecord], keys: KeyCache) -> 
         if known is not None:
             row[_DER_AT] = known
         rows.append(tuple(row))
-    return pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)
+    return pickle.dumps(("certificates", rows), protocol=_PICKLE)
 
 
-def _assess_job(job: Mapping[str, Any]) -> dict[str, Any]:
-    """The child's side: rebuild the values from ``job``, :func:`assess` them, return the report in slices."""
+def _sliced(values: Sequence[Any]) -> list[bytes]:
+    return [pickle.dumps(values[i:i + _SLICE], protocol=_PICKLE) for i in range(0, len(values), _SLICE)]
+
+
+def _child_main() -> None:
+    """Entry point of the assessment process: the job streamed on stdin, the pickled result on stdout."""
+    stream = sys.stdin.buffer
+    job = pickle.load(stream)
     keys: KeyCache = {}
-    certificates = []
-    for blob in job["certificates"]:
-        for row in pickle.loads(blob):
-            values = dict(zip(_CERT_FIELDS, row))
-            if isinstance(values["der"], tuple):
-                keys[values["spki_sha256"]] = values["der"]
-                values["der"] = _KNOWN_KEY_DER
-            certificates.append(CertificateRecord(**values))
+    certificates: list[CertificateRecord] = []
+    sessions: list[SessionRecord] = []
+    live: list[LiveSession] = []
+    while (part := pickle.load(stream)) is not None:
+        kind, rows = part
+        if kind == "certificates":
+            for row in rows:
+                values = dict(zip(_CERT_FIELDS, row))
+                if isinstance(values["der"], tuple):
+                    keys[values["spki_sha256"]] = values["der"]
+                    values["der"] = _KNOWN_KEY_DER
+                certificates.append(CertificateRecord(**values))
+        elif kind == "sessions":
+            sessions.extend(SessionRecord(**dict(zip(_SESSION_FIELDS, row))) for row in rows)
+        else:
+            live.extend(LiveSession(**dict(zip(_LIVE_FIELDS, row))) for row in rows)
     given = set(keys)
-    sessions = [SessionRecord(**dict(zip(_SESSION_FIELDS, row))) for blob in job["sessions"] for row in pickle.loads(blob)]
-    live = [LiveSession(**dict(zip(_LIVE_FIELDS, row))) for blob in job["live"] for row in pickle.loads(blob)]
     report = assess(
         tenant=job["tenant"], now=job["now"], policy=job["policy"], certificates=certificates, sessions=sessions,
         live=live, ca_certificates={role: x509.load_der_x509_certificate(der) for role, der in job["cas"].items()},
@@ -588,43 +606,63 @@ def _assess_job(job: Mapping[str, Any]) -> dict[str, Any]:
     )
     head = {f.name: getattr(report, f.name) for f in dataclasses.fields(FleetHealth)
             if f.name not in ("findings", "devices")}
-
-    def sliced(values: Sequence[Any]) -> list[bytes]:
-        return [pickle.dumps(values[i:i + _SLICE], protocol=pickle.HIGHEST_PROTOCOL)
-                for i in range(0, len(values), _SLICE)]
-
-    return {"head": head, "findings": sliced(report.findings), "devices": sliced(report.devices),
-            "keys": {spki: info for spki, info in keys.items() if spki not in given}}
-
-
-def _child_main() -> None:
-    """Entry point of the assessment process: a pickled job on stdin, the pickled result on stdout."""
-    job = pickle.load(sys.stdin.buffer)
-    result = _assess_job(job)
-    pickle.dump(result, sys.stdout.buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    learned = [(spki, info) for spki, info in keys.items() if spki not in given]
+    result = {"head": head, "findings": _sliced(report.findings), "devices": _sliced(report.devices),
+              "keys": _sliced(learned)}
+    pickle.dump(result, sys.stdout.buffer, protocol=_PICKLE)
     sys.stdout.buffer.flush()
 
 
-async def _run_child(job: Mapping[str, Any]) -> dict[str, Any]:
-    # A fresh interpreter on this module rather than multiprocessing's spawn, which re-imports
-    # the caller's __main__ (ca/pool.py does the same); short-lived, so the memory of a report
-    # (~40-50 MiB at 50,000 certificates) goes back to the system with it.
-    data = pickle.dumps(dict(job), protocol=pickle.HIGHEST_PROTOCOL)  # lists of bytes: a copy, not a walk
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _CHILD_CODE, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
-    )
-    try:
-        out, err = await proc.communicate(data)
-    except BaseException:
+class _Child:
+    """One assessment process: :meth:`send` parts as they are read, then :meth:`result`."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self._proc = proc
+        assert proc.stdout is not None and proc.stderr is not None
+        # read both pipes from the start: a child blocked on a full stderr pipe would never finish
+        self._out = asyncio.ensure_future(proc.stdout.read())
+        self._err = asyncio.ensure_future(proc.stderr.read())
+
+    @classmethod
+    async def start(cls, header: Mapping[str, Any]) -> _Child:
+        # A fresh interpreter on this module rather than multiprocessing's spawn, which re-imports
+        # the caller's __main__ (ca/pool.py does the same); short-lived, so the memory of a report
+        # goes back to the system with it.
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _CHILD_CODE, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        )
+        child = cls(proc)
+        await child.send(pickle.dumps(dict(header), protocol=_PICKLE))
+        return child
+
+    async def send(self, blob: bytes) -> None:
+        """Write one pickled part; waits while the child is behind."""
+        assert self._proc.stdin is not None
+        with contextlib.suppress(ConnectionError):  # the child died: result() says why
+            self._proc.stdin.write(blob)
+            await self._proc.stdin.drain()
+
+    async def result(self) -> dict[str, Any]:
+        """End the stream and wait for the child's answer."""
+        assert self._proc.stdin is not None
+        await self.send(pickle.dumps(None, protocol=_PICKLE))
+        self._proc.stdin.close()
+        out, err = await self._out, await self._err
+        code = await self._proc.wait()
+        if code != 0:
+            tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"the health assessment process failed (exit {code}): {tail[0]}")
+        answer: dict[str, Any] = pickle.loads(out)  # a dict of lists of bytes: the slices stay packed
+        return answer
+
+    def kill(self) -> None:
+        """Stop the child (a cancelled report)."""
+        self._out.cancel()
+        self._err.cancel()
         with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        raise
-    if proc.returncode != 0:
-        tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"the health assessment process failed (exit {proc.returncode}): {tail[0]}")
-    result: dict[str, Any] = pickle.loads(out)  # a dict of lists of bytes: the slices are unpacked on the loop
-    return result
+            self._proc.kill()
 
 
 # ------------------------------------------------------------------ the broker side
@@ -809,37 +847,44 @@ class FleetMonitor:
     async def _assess(self, tenant: str, now: dt.datetime, live: Sequence[LiveSession]) -> FleetHealth:
         """:func:`assess` ``tenant`` without holding the event loop for more than a slice at a time.
 
-        Below ``isolate_from`` certificates it runs here (less work than a process); from there
-        on the records are packed a page at a time as they arrive and assessed in a child process.
+        Below ``isolate_from`` certificates it runs here (less work than starting a process);
+        past that, a child process starts and each page of records is packed and sent to it as
+        it is read, so the broker never holds the whole fleet.
         """
-        records: list[CertificateRecord] = []
-        packed: list[bytes] = []
-        count = 0
-        async for record in self._registry.certificates(tenant, page=_SLICE):
-            records.append(record)
-            count += 1
-            if count >= self.isolate_from and len(records) >= _SLICE:
-                packed.append(_pack_certificates(records, self._keys))
-                records = []
-        sessions = await self._registry.sessions(tenant)
         policy, cas = self._policies[tenant], self._cas.get(tenant, {})
-        if count < self.isolate_from:
-            return assess(tenant=tenant, now=now, policy=policy, certificates=records, sessions=sessions, live=live,
-                          ca_certificates=cas, settings=self.settings, key_cache=self._keys)
-        if records:
-            packed.append(_pack_certificates(records, self._keys))
-        del records
-        job: dict[str, Any] = {"tenant": tenant, "now": now, "policy": policy, "settings": self.settings,
-                               "cas": {role: cert.public_bytes(serialization.Encoding.DER) for role, cert in cas.items()},
-                               "certificates": packed, "sessions": [], "live": []}
-        for key, values, names in (("sessions", sessions, _SESSION_FIELDS), ("live", live, _LIVE_FIELDS)):
-            for start in range(0, len(values), _SLICE):
-                job[key].append(_pack(values[start:start + _SLICE], names))
-                await asyncio.sleep(0)
-        del sessions
-        result = await _run_child(job)
-        del job, packed
-        self._keys.update(result["keys"])
+        header = {"tenant": tenant, "now": now, "policy": policy, "settings": self.settings,
+                  "cas": {role: c.public_bytes(serialization.Encoding.DER) for role, c in cas.items()}}
+        records: list[CertificateRecord] = []
+        child: _Child | None = None
+        try:
+            async for record in self._registry.certificates(tenant, page=_SLICE):
+                records.append(record)
+                if len(records) >= max(self.isolate_from, _SLICE) or (child is not None and len(records) >= _SLICE):
+                    if child is None:
+                        child = await _Child.start(header)
+                    await child.send(_pack_certificates(records, self._keys))
+                    records = []
+            sessions = await self._registry.sessions(tenant)
+            if child is None and len(records) < self.isolate_from:
+                return assess(tenant=tenant, now=now, policy=policy, certificates=records, sessions=sessions,
+                              live=live, ca_certificates=cas, settings=self.settings, key_cache=self._keys)
+            if child is None:  # exactly isolate_from certificates, all in the last page
+                child = await _Child.start(header)
+            if records:
+                await child.send(_pack_certificates(records, self._keys))
+            records = []
+            for kind, values, names in (("sessions", sessions, _SESSION_FIELDS), ("live", live, _LIVE_FIELDS)):
+                for start in range(0, len(values), _SLICE):
+                    await child.send(_pack(kind, values[start:start + _SLICE], names))
+            del sessions
+            result = await child.result()
+        except BaseException:
+            if child is not None:
+                child.kill()
+            raise
+        for blob in result["keys"]:
+            self._keys.update(pickle.loads(blob))
+            await asyncio.sleep(0)
         parts: dict[str, list[Any]] = {"findings": [], "devices": []}
         for key, out in parts.items():
             for blob in result[key]:
