@@ -248,12 +248,12 @@ class _HardenedHandler(BrokerProtocolHandler):
                     break
                 packet = await packet_class(fixed_header).from_stream(self.reader, fixed_header=fixed_header)
                 await self.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=self.session)
-                kind = packet.fixed_header.packet_type if packet.fixed_header is not None else None
+                kind = packet.fixed_header.packet_type if packet.fixed_header is not None else -1
                 if kind == CONNECT:
                     # awaited, as amqtt does: nothing else of this connection runs before it
-                    await self.handle_connect(packet)  # type: ignore[arg-type]
+                    await self.handle_connect(packet)
                     continue
-                name = _PACKET_HANDLERS.get(kind)  # type: ignore[arg-type]
+                name = _PACKET_HANDLERS.get(kind)
                 if name is None:
                     _log.warning("%s: unhandled packet type %s", client_id, kind)
                     continue
