@@ -1028,7 +1028,7 @@ class HardenedBroker(Broker):
                     continue
                 try:
                     allowed = hook(identity, "receive", topic)
-                    if inspect.isawaitable(allowed):
+                    if allowed is not True and allowed is not False and inspect.isawaitable(allowed):
                         allowed = await allowed
                 except Exception:  # noqa: BLE001 - a failing ACL denies
                     _log.exception("ACL hook failed")
