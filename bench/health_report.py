@@ -1,15 +1,23 @@
 """How long a fleet health report takes, and how long it holds the event loop, at 10k-100k certificates.
 
-Run: ``.venv/bin/python bench/health_report.py [--counts 10000,50000,100000] [--mode both|thread|child]``.
+Run: ``.venv/bin/python bench/health_report.py [--counts 10000,50000,100000] [--mode both|thread|child]
+[--gc-freeze 5]``.
 
 * A fresh SQLite registry per size gets ``count`` certificate records straight through
   ``commit_issuances`` (one really signed certificate's DER, a distinct key hash each, so every
   key is parsed once, as in a real fleet), issued over the last 35 days with 30-day lifetimes
-  (some expired, some overdue, many findings), plus a session row for every fifth device.
+  (some expired, some overdue, many findings), plus a session row for every ``--sessions-every``-th
+  device (1, the default: a fleet whose devices all connect). ``Registry.sessions`` has no pages:
+  it builds every row on the loop in one piece, which is now most of what a report holds the
+  loop for (~0.25 s at 50,000 rows, ~0.5 s at 100,000; ``--sessions-every 5`` shows the rest).
 * While a report runs, the loop carries two probes: a ticker (``sleep(0.01)`` in a loop; the
   lag is how late it wakes) and an echo round trip over a loopback TCP connection every 5 ms
   (a loop doing syscalls, as a broker does: the case where a computing thread hurt most, the
   loop re-taking the GIL after every syscall).
+* As the broker does by default (``gc_freeze`` = 5 s, plugin.py ``_gc_policy``), the heap is
+  frozen every ``--gc-freeze`` seconds, so a full collection walks only what is new; ``0`` leaves
+  CPython's default collector, whose full collections walk everything the bench has kept (earlier
+  reports, the key cache) and show up as loop lag of their own (the ``full gc`` column).
 * ``thread`` is the previous way (records read with the default page, ``assess`` in
   ``asyncio.to_thread``), ``child`` is :class:`FleetMonitor` as it is now. Each runs twice: the
   first run parses every key, the second finds them in the key cache.
@@ -50,8 +58,8 @@ def _rss_mib() -> float:
     return 0.0
 
 
-async def populate(registry: Any, ca: Any, count: int) -> None:
-    """``count`` certificates of tenant ``acme`` and a session row for every fifth device."""
+async def populate(registry: Any, ca: Any, count: int, sessions_every: int = 1) -> None:
+    """``count`` certificates of tenant ``acme`` and a session row for every ``sessions_every``-th device."""
     rng = random.Random(count)
     template = certificate(ca, "template", not_before=NOW - 10 * DAY)
     for start in range(0, count, 5000):
@@ -68,7 +76,7 @@ async def populate(registry: Any, ca: Any, count: int) -> None:
         SessionUpdate(tenant="acme", device_id=f"dev-{i:06d}", serial=(1 << 100) + i, kind="device",
                       client_id=f"dev-{i:06d}", node="bench", last_seen=NOW - dt.timedelta(minutes=i % 600),
                       connects=1, connected_at=NOW - DAY)
-        for i in range(0, count, 5)])
+        for i in range(0, count, sessions_every)])
 
 
 async def old_report(registry: Any, ca: Any, keys: dict[bytes, tuple[str, int]]) -> FleetHealth:
@@ -85,7 +93,8 @@ async def old_report(registry: Any, ca: Any, keys: dict[bytes, tuple[str, int]])
 class Probes:
     """A 10 ms ticker and a 5 ms loopback echo, both on the loop under test."""
 
-    def __init__(self) -> None:
+    def __init__(self, gc_freeze: float) -> None:
+        self.gc_freeze = gc_freeze
         self.lags: list[float] = []
         self.rtts: list[float] = []
         self.gc_pauses: list[float] = []  # full collections: they stall the loop too, whoever allocated
@@ -104,6 +113,11 @@ class Probes:
             await asyncio.sleep(0.01)
             self.lags.append(time.perf_counter() - before - 0.01)
 
+    async def _freezer(self) -> None:
+        while self.gc_freeze > 0 and not self._stop:
+            gc.freeze()
+            await asyncio.sleep(self.gc_freeze)
+
     async def _echo(self, port: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         while not self._stop:
@@ -120,7 +134,8 @@ class Probes:
                 writer.write(data)
         server = await asyncio.start_server(serve, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        tasks = [asyncio.create_task(self._ticker()), asyncio.create_task(self._echo(port))]
+        tasks = [asyncio.create_task(self._ticker()), asyncio.create_task(self._echo(port)),
+                 asyncio.create_task(self._freezer())]
         await asyncio.sleep(0.05)
         self.lags.clear()
         self.rtts.clear()
@@ -130,7 +145,10 @@ class Probes:
         finally:
             gc.callbacks.remove(self._on_gc)
             self._stop = True
-            await asyncio.gather(*tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            gc.unfreeze()
             server.close()
 
 
@@ -147,7 +165,7 @@ async def _main(args: argparse.Namespace) -> int:
             registry = await open_registry(f"sqlite:///{tmp}/registry.db")
             try:
                 started = time.perf_counter()
-                await populate(registry, ca, count)
+                await populate(registry, ca, count, args.sessions_every)
                 print(f"{count:,} certificates inserted in {time.perf_counter() - started:.1f} s", flush=True)
                 monitor = FleetMonitor(registry=registry, policies={"acme": policy()},
                                        ca_certificates={"acme": ca.cas()}, node="bench", clock=lambda: NOW,
@@ -156,7 +174,7 @@ async def _main(args: argparse.Namespace) -> int:
                 reports: dict[str, FleetHealth] = {}
                 for mode in ("thread", "child") if args.mode == "both" else (args.mode,):
                     for run in (1, 2):
-                        probes = Probes()
+                        probes = Probes(args.gc_freeze)
                         rss = _rss_mib()
                         started = time.perf_counter()
                         if mode == "thread":
@@ -187,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--counts", default="10000,50000,100000",
                         type=lambda text: [int(n) for n in text.split(",")])
     parser.add_argument("--mode", choices=("both", "thread", "child"), default="both")
+    parser.add_argument("--sessions-every", type=int, default=1, help="a session row for every n-th device")
+    parser.add_argument("--gc-freeze", type=float, default=5.0, help="seconds between gc.freeze() (0: none)")
     return asyncio.run(_main(parser.parse_args(argv)))
 
 
