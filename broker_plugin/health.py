@@ -864,8 +864,8 @@ class FleetMonitor:
                         child = await _Child.start(header)
                     await child.send(_pack_certificates(records, self._keys))
                     records = []
-            sessions = await self._registry.sessions(tenant)
             if child is None and len(records) < self.isolate_from:
+                sessions = await self._registry.sessions(tenant)
                 return assess(tenant=tenant, now=now, policy=policy, certificates=records, sessions=sessions,
                               live=live, ca_certificates=cas, settings=self.settings, key_cache=self._keys)
             if child is None:  # exactly isolate_from certificates, all in the last page
@@ -873,10 +873,11 @@ class FleetMonitor:
             if records:
                 await child.send(_pack_certificates(records, self._keys))
             records = []
-            for kind, values, names in (("sessions", sessions, _SESSION_FIELDS), ("live", live, _LIVE_FIELDS)):
-                for start in range(0, len(values), _SLICE):
-                    await child.send(_pack(kind, values[start:start + _SLICE], names))
-            del sessions
+            # a session row per device: read and sent a page at a time, like the certificates
+            async for rows in self._registry.session_pages(tenant, page=_SLICE):
+                await child.send(_pack("sessions", rows, _SESSION_FIELDS))
+            for start in range(0, len(live), _SLICE):
+                await child.send(_pack("live", live[start:start + _SLICE], _LIVE_FIELDS))
             result = await child.result()
         except BaseException:
             if child is not None:

@@ -1491,6 +1491,32 @@ class Registry(abc.ABC):
         rows = await self._run(lambda tx: tx.fetch(sql + " ORDER BY device_id, serial", tenant), write=False)
         return [self._session(r) for r in rows]
 
+    async def session_pages(self, tenant: str, *, page: int = 500) -> AsyncIterator[list[SessionRecord]]:
+        """Every session row of ``tenant`` in :meth:`sessions` order, ``page`` rows at a time.
+
+        For a fleet-wide pass (the health report): each page is one short read, so the event loop
+        never converts a whole fleet's rows in one go.
+        """
+        if page < 1:
+            raise ValueError("page must be >= 1")
+        after: tuple[str, str] | None = None
+        while True:
+            if after is None:
+                rows = await self._run(lambda tx: tx.fetch(
+                    "SELECT * FROM sessions WHERE tenant = $1 ORDER BY device_id, serial LIMIT $2", tenant, page,
+                ), write=False)
+            else:
+                device, serial = after
+                rows = await self._run(lambda tx: tx.fetch(
+                    "SELECT * FROM sessions WHERE tenant = $1 AND (device_id > $2 OR (device_id = $2 AND serial > $3)) "
+                    "ORDER BY device_id, serial LIMIT $4", tenant, device, serial, page,
+                ), write=False)
+            if rows:
+                yield [self._session(r) for r in rows]
+            if len(rows) < page:
+                return
+            after = (rows[-1]["device_id"], rows[-1]["serial"])
+
     async def certificates(
         self, tenant: str, *, status: CertificateStatus | str | None = None, page: int = 2000
     ) -> AsyncIterator[CertificateRecord]:
