@@ -1138,8 +1138,10 @@ class Registry(abc.ABC):
             if value is not None:
                 values.append(serial_hex(value) if column == "serial" else value)  # type: ignore[arg-type]
                 where.append(f"{column} = ${len(values) + 1}")
-        deltas: list[StatusDelta] = []
-        async with self._transaction(write=True) as tx:
+        # One transaction body, run whole where the backend likes (SQLite: one hop to its
+        # database thread instead of one per statement; a revocation's delta waits for it).
+        async def body(tx: Tx) -> RevocationOutcome:
+            deltas: list[StatusDelta] = []
             rows = await tx.fetch(
                 f"SELECT {_CERT_COLS} FROM certificates WHERE tenant = $1 AND {' AND '.join(where)} "
                 "AND status = 'active' ORDER BY serial FOR UPDATE", tenant, *values,
@@ -1197,7 +1199,9 @@ class Registry(abc.ABC):
                 )
             details = {**audit.details, "revoked_serials": [serial_hex(r.serial) for r in revoked]}
             await self._append_audit(tx, replace(audit, details=details))
-        return RevocationOutcome(revoked=tuple(revoked), deltas=tuple(deltas))
+            return RevocationOutcome(revoked=tuple(revoked), deltas=tuple(deltas))
+
+        return await self._run(body, write=True)
 
     async def revoked_for_crl(
         self, tenant: str, *, region: str | None = None, since: dt.datetime | None = None
