@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import datetime as dt
 import gc
 import os
-import random
 import sys
 import tempfile
 import time
@@ -46,9 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from broker_plugin.health import MAX_PUBLISHED_PER_CHECK, FleetHealth, FleetMonitor, assess  # noqa: E402
-from broker_plugin.store.audit import AuditEvent  # noqa: E402
-from broker_plugin.store.base import IssuanceItem, SessionUpdate, open_registry  # noqa: E402
-from health.kit import DAY, NOW, certificate, make_ca, policy  # noqa: E402
+from broker_plugin.store.base import SessionUpdate, open_registry  # noqa: E402
+from health.kit import DAY, NOW, insert_fleet, make_ca, policy  # noqa: E402
 
 
 def _rss_mib() -> float:
@@ -60,18 +57,7 @@ def _rss_mib() -> float:
 
 async def populate(registry: Any, ca: Any, count: int, sessions_every: int = 1) -> None:
     """``count`` certificates of tenant ``acme`` and a session row for every ``sessions_every``-th device."""
-    rng = random.Random(count)
-    template = certificate(ca, "template", not_before=NOW - 10 * DAY)
-    for start in range(0, count, 5000):
-        items = []
-        for i in range(start, min(count, start + 5000)):
-            issued = NOW - dt.timedelta(seconds=rng.randrange(35 * 86400))
-            record = dataclasses.replace(
-                template, serial=(1 << 100) + i, device_id=f"dev-{i:06d}", not_before=issued,
-                not_after=issued + 30 * DAY, issued_at=issued, spki_sha256=rng.randbytes(32))
-            items.append(IssuanceItem(record=record, request=None, audit=AuditEvent(
-                kind="issue", actor="bench", subject=record.device_id, time=issued, tenant="acme")))
-        await registry.commit_issuances(items)
+    await insert_fleet(registry, ca, count, actor="bench")
     await registry.record_sessions([
         SessionUpdate(tenant="acme", device_id=f"dev-{i:06d}", serial=(1 << 100) + i, kind="device",
                       client_id=f"dev-{i:06d}", node="bench", last_seen=NOW - dt.timedelta(minutes=i % 600),

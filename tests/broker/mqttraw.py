@@ -12,7 +12,7 @@ import ssl
 import struct
 from dataclasses import dataclass
 
-__all__ = ["Packet", "RawClient", "connect", "port_of"]
+__all__ = ["Packet", "RawClient", "close_tracked", "connect", "connect_tracked", "port_of"]
 
 CONNACK, PUBLISH, PUBACK, SUBACK, PINGRESP = 2, 3, 4, 9, 13
 
@@ -193,3 +193,20 @@ def port_of(broker: object) -> int:
     """The port an amqtt broker's default listener is bound to (``bind: 127.0.0.1:0``)."""
     server = broker._servers["default"].instance  # type: ignore[attr-defined]  # noqa: SLF001
     return int(server.sockets[0].getsockname()[1])
+
+
+_TRACKED: list[RawClient] = []
+
+
+async def connect_tracked(port: int, ssl_context: ssl.SSLContext, client_id: str) -> RawClient:
+    """:func:`connect` (clean session), asserting the CONNACK accepts; :func:`close_tracked` closes it."""
+    client, code = await connect(port, ssl_context, client_id)
+    _TRACKED.append(client)
+    assert code == 0, f"{client_id}: CONNACK {code}"
+    return client
+
+
+async def close_tracked() -> None:
+    """Close every client :func:`connect_tracked` opened (a test module's autouse fixture calls it)."""
+    while _TRACKED:
+        await _TRACKED.pop().close()

@@ -17,25 +17,19 @@ from broker_plugin import fanout as fanout_module
 from broker_plugin.broker import HardenedBroker
 
 from conftest import Pki
-from mqttraw import PUBLISH, Packet, RawClient, connect
+from mqttraw import PUBLISH, Packet, RawClient, close_tracked, connect_tracked
 
 TOPIC = "feeds/acme/eu/delta"
-
-
-_OPEN: list[RawClient] = []
 
 
 @pytest.fixture(autouse=True)
 async def _close_clients() -> AsyncIterator[None]:
     yield
-    while _OPEN:
-        await _OPEN.pop().close()
+    await close_tracked()
 
 
 async def _client(pki: Pki, port: int, name: str, qos: int | None = None) -> RawClient:
-    client, code = await connect(port, pki.client_context(name), name)
-    _OPEN.append(client)
-    assert code == 0, f"{name}: CONNACK {code}"
+    client = await connect_tracked(port, pki.client_context(name), name)
     if qos is not None:
         assert await client.subscribe(TOPIC, qos) == qos
     return client
@@ -250,8 +244,7 @@ async def test_plugin_watching_sent_packets_still_sees_every_broadcast_copy(pki:
             assert [p.payload for p in await client.messages(within=0.3)] == [b"delta"]
         assert sorted(_WatchingPlugin.sent) == [("w0", 1), ("w1", 1), ("w2", 1)]
     finally:
-        while _OPEN:
-            await _OPEN.pop().close()
+        await close_tracked()
         await broker.shutdown()
 
 

@@ -12,26 +12,19 @@ import pytest
 from broker_plugin import broker as broker_module
 from broker_plugin.broker import HardenedBroker
 from conftest import Pki
-from mqttraw import PUBLISH, RawClient, _packet, _str, connect
+from mqttraw import PUBLISH, RawClient, _packet, _str, close_tracked, connect_tracked
 
 TOPIC = "fleet/telemetry"
 PUBACK = 4
 
-_OPEN: list[RawClient] = []
-
-
 @pytest.fixture(autouse=True)
 async def _close_clients() -> AsyncIterator[None]:
     yield
-    while _OPEN:
-        await _OPEN.pop().close()
+    await close_tracked()
 
 
 async def _client(pki: Pki, port: int, name: str) -> RawClient:
-    client, code = await connect(port, pki.client_context(name), name)
-    _OPEN.append(client)
-    assert code == 0, f"{name}: CONNACK {code}"
-    return client
+    return await connect_tracked(port, pki.client_context(name), name)
 
 
 def _publishes(count: int, qos_of: Any = lambda n: 0) -> bytes:

@@ -5,7 +5,9 @@ registry API, and a fixed clock."""
 from __future__ import annotations
 
 import datetime as dt
+import dataclasses
 import itertools
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +20,7 @@ from broker_plugin.ca.authority import create_tenant_ca
 from broker_plugin.ca.policy import TenantPolicy
 from broker_plugin.ca.signing import spki_sha256
 from broker_plugin.store.audit import AuditEvent
-from broker_plugin.store.base import CertificateKind, CertificateRecord, RevocationOutcome
+from broker_plugin.store.base import CertificateKind, CertificateRecord, IssuanceItem, RevocationOutcome
 
 NOW = dt.datetime(2026, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
 DAY = dt.timedelta(days=1)
@@ -98,3 +100,26 @@ async def store(registry: Any, *records: CertificateRecord) -> None:
 async def revoke(registry: Any, record: CertificateRecord, at: dt.datetime) -> RevocationOutcome:
     return await registry.revoke_selected(record.tenant, serial=record.serial, reason=1, at=at, audit=AuditEvent(
         kind="revoke", actor="health-tests", subject=record.device_id, time=at, tenant=record.tenant))
+
+
+async def insert_fleet(registry: Any, ca: TestCA, count: int, *, actor: str = "tests") -> list[CertificateRecord]:
+    """``count`` certificates of tenant ``acme``, devices ``dev-000000`` ..., each with a key of its
+    own (a random SPKI hash), issued at random over 35 days with a 30-day lifetime; committed in
+    batches of 5,000 straight into the registry. Returns the records (same seed: same fleet)."""
+    rng = random.Random(7)
+    template = certificate(ca, "template", not_before=NOW - 10 * DAY)
+    records = []
+    for start in range(0, count, 5000):
+        items = []
+        for i in range(start, min(count, start + 5000)):
+            issued = NOW - dt.timedelta(seconds=rng.randrange(35 * 86400))
+            record = dataclasses.replace(
+                template, serial=(1 << 100) + i, device_id=f"dev-{i:06d}", not_before=issued,
+                not_after=issued + 30 * DAY, issued_at=issued, spki_sha256=rng.randbytes(32))
+            records.append(record)
+            items.append(IssuanceItem(record=record, request=None, audit=AuditEvent(
+                kind="issue", actor=actor, subject=record.device_id, time=issued, tenant="acme")))
+        failed = [r for r in await registry.commit_issuances(items) if isinstance(r, Exception)]
+        if failed:
+            raise RuntimeError(f"{len(failed)} certificates not committed: {failed[0]!r}")
+    return records

@@ -5,18 +5,15 @@ certificates for the checks, 50,000 rows inserted through the registry for the l
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime as dt
-import random
 import time
 
 import pytest
 
 from broker_plugin.health import Check, FleetMonitor, LiveSession, assess
-from broker_plugin.store.audit import AuditEvent
-from broker_plugin.store.base import CertificateKind, IssuanceItem, SessionUpdate, open_registry
+from broker_plugin.store.base import CertificateKind, SessionUpdate, open_registry
 
-from .kit import DAY, NOW, certificate, make_ca, policy, revoke, rsa_key, secp256k1_key, store
+from .kit import DAY, NOW, certificate, insert_fleet, make_ca, policy, revoke, rsa_key, secp256k1_key, store
 
 
 def _session(record, *, at, live=True, duplicates=0, dup_at=None):
@@ -72,21 +69,7 @@ async def test_a_report_from_the_child_process_is_the_report_of_assess(registry)
 
 async def _insert(registry, ca, count: int) -> list[dt.datetime]:
     """``count`` certificates of their own devices and keys, issued over 35 days; their not_after times."""
-    rng = random.Random(7)
-    not_afters = []
-    template = certificate(ca, "template", not_before=NOW - 10 * DAY)
-    for start in range(0, count, 5000):
-        items = []
-        for i in range(start, min(count, start + 5000)):
-            issued = NOW - dt.timedelta(seconds=rng.randrange(35 * 86400))
-            record = dataclasses.replace(
-                template, serial=(1 << 100) + i, device_id=f"dev-{i:06d}", not_before=issued,
-                not_after=issued + 30 * DAY, issued_at=issued, spki_sha256=rng.randbytes(32))
-            not_afters.append(record.not_after)
-            items.append(IssuanceItem(record=record, request=None, audit=AuditEvent(
-                kind="issue", actor="tests", subject=record.device_id, time=issued, tenant="acme")))
-        assert not [r for r in await registry.commit_issuances(items) if isinstance(r, Exception)]
-    return not_afters
+    return [r.not_after for r in await insert_fleet(registry, ca, count)]
 
 
 async def test_a_report_over_50000_certificates_keeps_the_loop_ticking(tmp_path):
