@@ -15,7 +15,9 @@ scan, the feed publisher (sign in a thread) and the fan-out to every subscriber.
 The rounds start ``--settle`` s (6) after the last subscription, and ``--warmup`` revocations (1)
 go first, untimed but checked like the others (their last arrival is printed): the first
 revocation of a freshly started broker pays one-time costs (the feed signer's thread, first
-statements, each session's ACL cache).
+statements, each session's ACL cache). This process stands in for 1,000 devices on the broker's
+2 cores, so it keeps its own costs off the clock: its garbage collector is off while a round's
+copies arrive, and its PUBACKs go out 50 ms after a copy (the broker waits up to 5 s for them).
 Goal: p99 < 50 ms. Exits non-zero if a subscriber misses a delta or a signature fails.
 """
 
