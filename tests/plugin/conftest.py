@@ -1,6 +1,7 @@
 """Fixtures for the certmq plugin tests: a real data directory (two tenants, SQLite registry), a
 test-side CA service minting certificates into it, a HardenedBroker loading the plugin by its
-dotted path, and aiomqtt clients over real TLS."""
+dotted path, and aiomqtt clients over real TLS. tests/feeds builds on the same pieces (its own
+policy, signed feeds tuned for tests)."""
 
 from __future__ import annotations
 
@@ -67,9 +68,15 @@ class Creds:
     key: Path
     chain: Path
     der: bytes
+    region: str | None = None
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return x509.load_der_x509_certificate(self.der)
 
 
-def write_creds(folder: Path, tenant: str, name: str, der: bytes, key: Any, chain: Path) -> Creds:
+def write_creds(folder: Path, tenant: str, name: str, der: bytes, key: Any, chain: Path,
+                region: str | None = None) -> Creds:
     folder.mkdir(parents=True, exist_ok=True)
     cert = x509.load_der_x509_certificate(der)
     stem = f"{tenant}-{name}-{cert.serial_number:x}"
@@ -77,7 +84,7 @@ def write_creds(folder: Path, tenant: str, name: str, der: bytes, key: Any, chai
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
-    return Creds(tenant, name, cert.serial_number, cert_path, key_path, chain, der)
+    return Creds(tenant, name, cert.serial_number, cert_path, key_path, chain, der, region)
 
 
 class Ca:
@@ -93,15 +100,15 @@ class Ca:
         return dd.tenant_dir(self.datadir, tenant) / "chain.pem"
 
     async def mint(self, tenant: str, name: str, kind: CertificateKind = CertificateKind.OPERATIONAL,
-                   *, clock: Callable[[], dt.datetime] | None = None) -> Creds:
+                   *, region: str | None = None, clock: Callable[[], dt.datetime] | None = None) -> Creds:
         service = self.service
         if clock is not None:
             service = CAService(registry=self.registry, authorities=service._authorities,  # noqa: SLF001
                                 signer=service._signer, clock=clock)  # noqa: SLF001
         key, csr = make_csr(name)
         record = await service.issue_direct(tenant=tenant, device_id=name, profile=Profile.IDENTITY, csr_der=csr,
-                                            kind=kind, actor="plugin-tests")
-        return write_creds(self.folder, tenant, name, record.der, key, self.chain(tenant))
+                                            kind=kind, region=region, actor="plugin-tests")
+        return write_creds(self.folder, tenant, name, record.der, key, self.chain(tenant), record.region)
 
     async def claim(self, tenant: str, claim_id: str, **policy: Any) -> Creds:
         policy.setdefault("max_uses", 5)
@@ -113,10 +120,11 @@ class Ca:
         return await self.mint(tenant, claim_id, CertificateKind.BOOTSTRAP)
 
 
-async def make_datadir(root: Path) -> Path:
+async def make_datadir(root: Path, policy_text: str = POLICY) -> Path:
+    """Tenants ``acme`` and ``globex`` under ``root/data`` with ``policy_text`` (TOML)."""
     datadir = root / "data"
     policy = root / "policy.toml"
-    policy.write_text(POLICY)
+    policy.write_text(policy_text)
     for tenant in ("acme", "globex"):
         await dd.init_tenant(datadir, tenant, algorithm="p256", passphrase=PASSPHRASE, policy=policy,
                              now=NOW().replace(microsecond=0) - dt.timedelta(hours=1))
