@@ -155,8 +155,8 @@ class Minter:
 
         return dd.tenant_dir(self.datadir, TENANT) / "chain.pem"
 
-    async def mint(self, name: str, *, bootstrap: bool = False) -> Creds:
-        """An operational (or bootstrap) certificate for ``name``, written to files."""
+    async def mint(self, name: str, *, kind: Any = None) -> Creds:
+        """A certificate for ``name`` (``kind``: a ``CertificateKind``, default operational), written to files."""
         from broker_plugin.store.base import CertificateKind
         from protocol.codes import Profile
 
@@ -164,7 +164,7 @@ class Minter:
         csr = (x509.CertificateSigningRequestBuilder()
                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
                .sign(key, hashes.SHA256())).public_bytes(serialization.Encoding.DER)
-        kind = CertificateKind.BOOTSTRAP if bootstrap else CertificateKind.OPERATIONAL
+        kind = CertificateKind.OPERATIONAL if kind is None else kind
         record = await self._service.issue_direct(tenant=TENANT, device_id=name, profile=Profile.IDENTITY,
                                                   csr_der=csr, kind=kind, actor="bench")
         cert = x509.load_der_x509_certificate(record.der)
@@ -177,10 +177,11 @@ class Minter:
     async def claim(self, claim_id: str, *, pattern: str, max_uses: int) -> Creds:
         """Register a claim policy (glob ``pattern``, ``max_uses``) and mint its bootstrap certificate."""
         from broker_plugin.ca.claims import ClaimPolicy
+        from broker_plugin.store.base import CertificateKind
 
         policy = ClaimPolicy(pattern=pattern, max_uses=max_uses, not_after=_now() + dt.timedelta(days=1))
         await self._service.register_claim(tenant=TENANT, claim_id=claim_id, policy=policy, actor="bench")
-        return await self.mint(claim_id, bootstrap=True)
+        return await self.mint(claim_id, kind=CertificateKind.BOOTSTRAP)
 
 
 # -- the broker child process ---------------------------------------------------------------------
@@ -623,6 +624,19 @@ def packet(first: int, body: bytes) -> bytes:
             return bytes([first]) + bytes(encoded) + body
 
 
+async def read_raw(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One MQTT packet: (fixed-header byte, body)."""
+    first = (await reader.readexactly(1))[0]
+    length, shift = 0, 0
+    while True:
+        byte = (await reader.readexactly(1))[0]
+        length += (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    return first, await reader.readexactly(length)
+
+
 class MqttConn:
     """One MQTT 3.1.1 connection over TLS: what the benches need and nothing else.
 
@@ -653,17 +667,8 @@ class MqttConn:
         self._task = asyncio.create_task(self._loop())
 
     async def _read(self) -> tuple[int, bytes]:
-        reader = self._reader
-        assert reader is not None
-        first = (await reader.readexactly(1))[0]
-        length, shift = 0, 0
-        while True:
-            byte = (await reader.readexactly(1))[0]
-            length += (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-        return first, await reader.readexactly(length)
+        assert self._reader is not None
+        return await read_raw(self._reader)
 
     async def _loop(self) -> None:
         assert self._writer is not None

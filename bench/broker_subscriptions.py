@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from _broker_kit import _str, packet  # noqa: E402 - bench/ is on sys.path when run as a script
+from _broker_kit import _str, packet, read_raw  # noqa: E402 - bench/ is on sys.path when run as a script
 from broker_plugin.ca.authority import create_tenant_ca
 
 __all__ = ["BrokerProcess", "make_pki", "open_client", "packet"]
@@ -158,15 +158,8 @@ class BrokerProcess:
 
 async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     """(packet type, body)."""
-    first = (await reader.readexactly(1))[0]
-    length, shift = 0, 0
-    while True:
-        byte = (await reader.readexactly(1))[0]
-        length += (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            break
-    return first >> 4, await reader.readexactly(length)
+    first, body = await read_raw(reader)
+    return first >> 4, body
 
 
 async def open_client(port: int, context: ssl.SSLContext, client_id: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -40,9 +40,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _broker_kit import (  # noqa: E402
-    TENANT, BrokerChild, Creds, Minter, MqttConn, _str, make_datadir, packet, percentile, rss_kib,
+    TENANT, BrokerChild, Minter, MqttConn, _str, make_datadir, packet, percentile, rss_kib,
 )
 
+from broker_plugin.store.base import CertificateKind  # noqa: E402
 from device_client.feedverify import SignedFeedVerifier  # noqa: E402
 from protocol import codec  # noqa: E402
 from protocol.codes import RevocationReason  # noqa: E402
@@ -160,31 +161,6 @@ class Subscriber(asyncio.Protocol):
             self._transport.close()
 
 
-async def mint_operator(minter: Minter, name: str) -> Creds:
-    """An operator certificate (Minter mints devices and claims only)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    from broker_plugin.store.base import CertificateKind
-    from protocol.codes import Profile
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-           .sign(key, hashes.SHA256())).public_bytes(serialization.Encoding.DER)
-    record = await minter._service.issue_direct(  # noqa: SLF001
-        tenant=TENANT, device_id=name, profile=Profile.IDENTITY, csr_der=csr, kind=CertificateKind.OPERATOR,
-        actor="bench")
-    cert = x509.load_der_x509_certificate(record.der)
-    cert_path, key_path = minter.folder / f"{name}.pem", minter.folder / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return Creds(name, cert.serial_number, cert_path, key_path, minter.chain)
-
-
 async def _main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="certmq-feeds-latency-") as tmp:
         datadir = await make_datadir(Path(tmp))
@@ -192,7 +168,7 @@ async def _main(args: argparse.Namespace) -> int:
         async with Minter(datadir) as minter:
             subs = [await minter.mint(f"sub-{i:05d}") for i in range(args.subscribers)]
             victims = [await minter.mint(f"victim-{i:04d}") for i in range(args.warmup + args.rounds)]
-            operator = await mint_operator(minter, "op-bench")
+            operator = await minter.mint("op-bench", kind=CertificateKind.OPERATOR)
             registry = minter._registry  # noqa: SLF001
             index = {}
             for v in victims:
