@@ -16,7 +16,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker_plugin.store.base import SessionUpdate
-from plugin.conftest import ca, datadir  # noqa: F401 (fixtures)
+from plugin.conftest import ca, datadir, wait_ready  # noqa: F401 (fixtures)
 from protocol.codes import RevocationReason
 
 from .test_broker import scrape
@@ -92,25 +92,13 @@ def test_status_bad_options_and_missing_data(tmp_path: Path) -> None:
     assert not (tmp_path / "empty" / "registry.db").exists()  # bad input changes nothing
 
 
-def _wait_ready(path: Path, proc: subprocess.Popen[str], limit: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if path.exists():
-            return json.loads(path.read_text())  # type: ignore[no-any-return]
-        if proc.poll() is not None:
-            raise AssertionError(f"broker exited {proc.returncode}: {proc.stderr.read()}")  # type: ignore[union-attr]
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("broker not ready in time")
-
-
 async def test_broker_process_serves_metrics_and_reports(tmp_path: Path) -> None:
     data = tmp_path / "data"
     proc = subprocess.Popen([sys.executable, "-m", "broker_plugin.cli", "broker", "--data", str(data), "--port", "0",
                              "--metrics-port", "0", "--health-interval", "0.5"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        ready = _wait_ready(data / "broker" / "ready.json", proc)
+        ready = wait_ready(data / "broker" / "ready.json", proc)
         port = int(ready["metrics_port"])
         deadline = time.monotonic() + 10
         while True:

@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import os
 import ssl
+import subprocess
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,3 +219,17 @@ async def no_message(c: aiomqtt.Client, wait: float = 1.0) -> None:
     with pytest.raises(TimeoutError):
         got = await next_message(c, wait)
         raise AssertionError(f"unexpected message {got}")
+
+
+def wait_ready(path: Path, proc: subprocess.Popen[str], limit: float = 30) -> dict[str, Any]:
+    """The ready file a ``certmq broker`` process writes, once it is there (the process's stderr if it exits first)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if path.exists():
+            return json.loads(path.read_text())  # type: ignore[no-any-return]
+        if proc.poll() is not None:
+            raise AssertionError(f"broker exited {proc.returncode}: {proc.stderr.read()}")  # type: ignore[union-attr]
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("broker not ready in time")
+

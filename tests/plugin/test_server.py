@@ -4,13 +4,11 @@ with a clear message."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiomqtt
@@ -18,22 +16,12 @@ import pytest
 
 from broker_plugin.server import DEV_PASSPHRASE_FILE
 
+from .conftest import wait_ready
+
 
 def _start(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "broker_plugin.cli", "broker", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_ready(path: Path, proc: subprocess.Popen[str], limit: float = 30) -> dict[str, object]:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if path.exists():
-            return json.loads(path.read_text())  # type: ignore[no-any-return]
-        if proc.poll() is not None:
-            raise AssertionError(f"broker exited {proc.returncode}: {proc.stderr.read()}")  # type: ignore[union-attr]
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("broker not ready in time")
 
 
 async def test_first_run_dev_ca_listen_connect_and_clean_stop(tmp_path: Path) -> None:
@@ -42,7 +30,7 @@ async def test_first_run_dev_ca_listen_connect_and_clean_stop(tmp_path: Path) ->
     tenant's server certificate for 127.0.0.1, and exits 0 on SIGTERM, removing its ready file."""
     data = tmp_path / "data"
     proc = _start("--data", str(data), "--port", "0")
-    ready = _wait_ready(data / "broker" / "ready.json", proc)
+    ready = wait_ready(data / "broker" / "ready.json", proc)
     try:
         assert (data / DEV_PASSPHRASE_FILE).stat().st_mode & 0o077 == 0
         context = ssl.create_default_context(cafile=str(data / "tenants" / "dev" / "chain.pem"))
@@ -58,7 +46,7 @@ async def test_first_run_dev_ca_listen_connect_and_clean_stop(tmp_path: Path) ->
     assert not (data / "broker" / "ready.json").exists()
     # a second run reuses the tenant and its passphrase file, without the first-run box
     proc = _start("--data", str(data), "--port", "0", "--echo")
-    _wait_ready(data / "broker" / "ready.json", proc)
+    wait_ready(data / "broker" / "ready.json", proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "DEVELOPMENT CA CREATED" not in err and "ECHO MODE" in out
@@ -71,7 +59,7 @@ def test_wrong_passphrase_fails_clearly(tmp_path: Path) -> None:
     secret.write_text("right one\n")
     os.chmod(secret, 0o600)
     proc = _start("--data", str(data), "--port", "0", "--passphrase-file", str(secret))
-    _wait_ready(data / "broker" / "ready.json", proc)
+    wait_ready(data / "broker" / "ready.json", proc)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)
     secret.write_text("wrong one\n")
