@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +16,11 @@ import aiomqtt
 import pytest
 
 from broker_plugin.broker import HardenedBroker
-from broker_plugin.ca import datadir as dd
-from broker_plugin.ca.service import CAService
-from broker_plugin.ca.signing import InlineSigner
 from broker_plugin.plugin import CertmqPlugin
 from device_client.feedverify import SignedFeedVerifier
 from device_client.revcache import RevocationCache
 from plugin import conftest as base
-from plugin.conftest import PASS_ENV, PASSPHRASE, Ca, Creds, client
+from plugin.conftest import PASS_ENV, PASSPHRASE, Ca, Creds, ca, client, make_broker  # noqa: F401 (fixtures)
 
 __all__ = ["CAPACITY", "PASSPHRASE", "PASS_ENV", "Ca", "Creds", "Feed", "cache", "client", "now", "verifier"]
 
@@ -50,15 +47,6 @@ async def datadir(tmp_path: Path) -> Path:
     return await base.make_datadir(tmp_path, POLICY)
 
 
-@pytest.fixture
-async def ca(datadir: Path) -> AsyncIterator[Ca]:
-    authorities = dd.load_authorities(datadir, passphrase=PASSPHRASE)
-    registry = await dd.open_datadir_registry(datadir)
-    service = CAService(registry=registry, authorities=authorities, signer=InlineSigner(authorities), clock=now)
-    yield Ca(datadir, service, registry)
-    await registry.close()
-
-
 async def start_broker(datadir: Path, **plugin: Any) -> HardenedBroker:
     """:func:`plugin.conftest.start_broker` with signed feeds tuned for tests (fast revocation poll,
     refreshed snapshots at once)."""
@@ -71,18 +59,8 @@ async def start_broker(datadir: Path, **plugin: Any) -> HardenedBroker:
 
 
 @pytest.fixture
-async def make_broker(datadir: Path) -> AsyncIterator[Callable[..., Any]]:
-    started: list[HardenedBroker] = []
-
-    async def make(**plugin: Any) -> HardenedBroker:
-        broker = await start_broker(datadir, **plugin)
-        started.append(broker)
-        return broker
-
-    yield make
-    for broker in started:
-        with contextlib.suppress(Exception):
-            await broker.shutdown()
+def broker_starter() -> Callable[..., Awaitable[HardenedBroker]]:
+    return start_broker
 
 
 def verifier(ca: Ca, tenant: str = "acme") -> SignedFeedVerifier:

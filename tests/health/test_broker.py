@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from broker_plugin.metrics import result_label
 from broker_plugin.plugin import CertmqPlugin
 from broker_plugin.store.base import CertificateKind, CertificateStatus
-from plugin.conftest import ca, client, datadir, make_broker, make_csr, next_message  # noqa: F401 (fixtures)
+from plugin.conftest import broker_starter, ca, client, datadir, make_broker, make_csr, next_message  # noqa: F401 (fixtures)
 from protocol.codec import encode
 from protocol.codes import Profile, RevocationReason
 from protocol.messages import (

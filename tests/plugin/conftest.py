@@ -13,7 +13,7 @@ import os
 import ssl
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,11 +161,18 @@ async def start_broker(datadir: Path, **plugin: Any) -> HardenedBroker:
 
 
 @pytest.fixture
-async def make_broker(datadir: Path) -> AsyncIterator[Callable[..., Any]]:
+def broker_starter() -> Callable[..., Awaitable[HardenedBroker]]:
+    """What ``make_broker`` starts a broker with (tests/feeds tunes the feeds on top)."""
+    return start_broker
+
+
+@pytest.fixture
+async def make_broker(datadir: Path, broker_starter: Callable[..., Awaitable[HardenedBroker]],
+                      ) -> AsyncIterator[Callable[..., Any]]:
     started: list[HardenedBroker] = []
 
     async def make(**plugin: Any) -> HardenedBroker:
-        broker = await start_broker(datadir, **plugin)
+        broker = await broker_starter(datadir, **plugin)
         started.append(broker)
         return broker
 
