@@ -130,7 +130,7 @@ def run_job(issuer: Issuer, job: SignJob) -> SignResult:
                 public_key = serialization.load_der_public_key(job.public_key_der)
             except ValueError as exc:
                 raise PolicyRefusal(ErrorCode.KEY_REJECTED, f"unreadable public key: {exc}") from None
-        cert, spki = issuer.issue_with_spki(
+        signed = issuer.issue_der(
             device_id=job.device_id,
             profile=job.profile,
             public_key=public_key,
@@ -142,8 +142,8 @@ def run_job(issuer: Issuer, job: SignJob) -> SignResult:
         )
     except PolicyRefusal as refusal:
         return SignResult(refusal_code=refusal.code, refusal_text=refusal.text)
-    return SignResult(der=cert.public_bytes(serialization.Encoding.DER), spki_sha256=hashlib.sha256(spki).digest(),
-                      not_before=_epoch(cert.not_valid_before_utc), not_after=_epoch(cert.not_valid_after_utc))
+    return SignResult(der=signed.der, spki_sha256=hashlib.sha256(signed.spki).digest(),
+                      not_before=_epoch(signed.not_before), not_after=_epoch(signed.not_after))
 
 
 def _epoch(when: dt.datetime) -> int:

@@ -539,3 +539,105 @@ def test_random_serial_encodes_in_twenty_octets(ec_ca, subject_keys) -> None:  #
     cert = issue(make_issuer(ec_ca), subject_keys["p256"].public_key(), serial=random_serial(lambda n: b"\xff" * n))
     der = cert.public_bytes(serialization.Encoding.DER)
     assert b"\x02\x14\x7f\xff" in der  # INTEGER, 20 octets, top bit clear
+
+
+# -- the template path: DER made once per issuer, the same bytes as CertificateBuilder's ------
+
+
+def builder_only(issuer: Issuer) -> Issuer:
+    """The same issuer made to build every certificate with CertificateBuilder: the reference."""
+    issuer._template_ok = False
+    return issuer
+
+
+TEMPLATE_CASES = {
+    "defaults": {},
+    "no-status-region-capabilities": {"status_position": None, "region": None, "capabilities": ()},
+    "non-ascii-id": {"device_id": "gerät-ü-7"},
+    "longest-id": {"device_id": "d" * 64},
+    "long-utf8-id": {"device_id": "é" * 32},  # 64 UTF-8 bytes, the limit
+    "percent-in-urn": {"device_id": "dev:1@x~y"},
+    "sub-second-not-before": {"not_before": NOW + timedelta(microseconds=654321)},
+    "big-status-position": {"status_position": (2**31 - 1, 1)},
+    "small-serial": {"serial": 1},
+    "serial-top-bit-in-octet": {"serial": 0x80},
+}
+
+
+@pytest.mark.parametrize("case", list(TEMPLATE_CASES))
+@pytest.mark.parametrize("key_type", ["p256", "p384", "rsa", "ed25519", "ml-dsa-44"])
+def test_template_certificate_is_the_builders(ec_ca, subject_keys, key_type: str, case: str) -> None:  # type: ignore[no-untyped-def]
+    ca, _, directory = ec_ca
+    policy = TenantPolicy(name="acme", crl_url="http://crl.example/certmq", default_region="eu-north")
+    fast = make_issuer(ec_ca, policy)
+    assert fast._template_ok, "a P-256 issuing CA must use the template path"
+    slow = builder_only(make_issuer(ec_ca, policy))
+    args: dict[str, object] = dict(serial=random_serial(os.urandom))
+    args.update(TEMPLATE_CASES[case])
+    public_key = subject_keys[key_type].public_key()
+
+    cert = issue(fast, public_key, **args)
+    reference = issue(slow, public_key, **args)
+    assert cert.tbs_certificate_bytes == reference.tbs_certificate_bytes
+    assert cert.signature_algorithm_oid == reference.signature_algorithm_oid
+    cert.verify_directly_issued_by(ca.issuing)
+    signed = fast.issue_der(**{**dict(device_id="sensor-17", profile=Profile.IDENTITY, public_key=public_key,
+                                      not_before=NOW, status_position=(3, 1234), region="eu-west",
+                                      capabilities=("telemetry", "cmd")), **args})  # type: ignore[arg-type]
+    again = x509.load_der_x509_certificate(signed.der)
+    assert again.tbs_certificate_bytes == reference.tbs_certificate_bytes
+    assert (signed.not_before, signed.not_after) == (again.not_valid_before_utc, again.not_valid_after_utc)
+    assert signed.spki == public_key.public_bytes(serialization.Encoding.DER,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    if not key_type.startswith("ml-dsa"):  # openssl 3.0 cannot decode ML-DSA keys
+        result = openssl_verify(directory, cert, "-purpose", "sslclient")
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("profile", list(Profile), ids=lambda p: p.label)
+def test_template_matches_builder_for_every_profile(ec_ca, subject_keys, profile: Profile) -> None:  # type: ignore[no-untyped-def]
+    key = subject_keys["p256"].public_key()
+    cert = issue(make_issuer(ec_ca), key, profile, serial=5)
+    assert cert.tbs_certificate_bytes == issue(builder_only(make_issuer(ec_ca)), key, profile, serial=5).tbs_certificate_bytes
+
+
+def test_template_writes_generalized_time_from_2050(subject_keys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    start = datetime(2049, 12, 1, tzinfo=timezone.utc)
+    issuing_key = ec.generate_private_key(ec.SECP384R1())
+    ca = create_tenant_ca(tenant="acme", root_key=ec.generate_private_key(ec.SECP384R1()), issuing_key=issuing_key,
+                          now=start - timedelta(days=1))
+    fast = Issuer(ca_certificate=ca.issuing, ca_key=issuing_key, tenant_policy=TenantPolicy(name="acme"))
+    slow = builder_only(Issuer(ca_certificate=ca.issuing, ca_key=issuing_key, tenant_policy=TenantPolicy(name="acme")))
+    key = subject_keys["p256"].public_key()
+    cert = issue(fast, key, not_before=start, serial=7)
+    assert cert.not_valid_after_utc.year == 2050
+    assert cert.tbs_certificate_bytes == issue(slow, key, not_before=start, serial=7).tbs_certificate_bytes
+    assert cert.signature_hash_algorithm is not None and cert.signature_hash_algorithm.name == "sha384"
+    write_chain(tmp_path, ca)
+    result = openssl_verify(tmp_path, cert, "-attime", str(int((start + timedelta(days=60)).timestamp())))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("ca_type", ["ed25519", "ml-dsa-44"])
+def test_non_ec_ca_keys_use_the_builder(ca_type: str, subject_keys) -> None:  # type: ignore[no-untyped-def]
+    issuing_key = CA_KEYS[ca_type]()
+    ca = create_tenant_ca(tenant="acme", root_key=CA_KEYS[ca_type](), issuing_key=issuing_key, now=NOW)
+    issuer = Issuer(ca_certificate=ca.issuing, ca_key=issuing_key, tenant_policy=TenantPolicy(name="acme"))
+    assert not issuer._template_ok
+    cert = issue(issuer, subject_keys["p256"].public_key())
+    cert.verify_directly_issued_by(ca.issuing)
+    signed = issuer.issue_der(device_id="d1", profile=Profile.IDENTITY, public_key=subject_keys["p256"].public_key(),
+                              serial=9, not_before=NOW, status_position=None, region=None, capabilities=None)
+    x509.load_der_x509_certificate(signed.der).verify_directly_issued_by(ca.issuing)
+
+
+def test_a_template_unlike_the_builders_is_not_used(ec_ca, subject_keys, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """If this cryptography encoded anything differently from the template (here: times), the
+    issuer notices at construction and builds every certificate with CertificateBuilder."""
+    ca, _, directory = ec_ca
+    monkeypatch.setattr(issuer_module, "_time_der", lambda when: b"\x18\x0f" + when.strftime("%Y%m%d%H%M%SZ").encode())
+    issuer = make_issuer(ec_ca)
+    assert not issuer._template_ok
+    cert = issue(issuer, subject_keys["p256"].public_key())
+    assert cert.not_valid_before_utc == NOW
+    assert openssl_verify(directory, cert, "-purpose", "sslclient").returncode == 0
