@@ -53,6 +53,8 @@ MAX_ARRAY_ITEMS: Final = m.MAX_INDICES
 FEED_TYPES: Final = frozenset({MessageType.REVOCATION_SNAPSHOT, MessageType.REVOCATION_DELTA})
 
 _EPOCH: Final = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+# By plain int: an IntEnum key hashes and compares as its int (no MessageType() call per decode).
+_CLASSES: Final[Mapping[int, type[m.Message]]] = {int(t): cls for t, cls in m.MESSAGE_CLASSES.items()}
 _MAX_EPOCH: Final = 253402300799  # 9999-12-31T23:59:59Z, the end of datetime
 
 
@@ -111,11 +113,13 @@ def _time_from_wire(v: object) -> _dt.datetime:
 
 
 def _enum_from_wire(enum: type[Profile] | type[RevocationReason], code: ErrorCode) -> Callable[[object], Any]:
+    members = {int(member): member for member in enum}  # a dict lookup, not the enum's __call__
+
     def from_wire(v: object) -> Any:
-        try:
-            return enum(_uint(v))
-        except ValueError:
-            raise _Bad(f"unknown {enum.__name__} {v}") from None
+        member = members.get(_uint(v))
+        if member is None:
+            raise _Bad(f"unknown {enum.__name__} {v}")
+        return member
 
     from_wire.code = code  # type: ignore[attr-defined]
     return from_wire
@@ -295,7 +299,11 @@ def encode(message: m.Message) -> bytes:
         if value is None or (not f.required and value == f.default):
             continue
         wire[f.key] = f.to_wire(value)
-    data: bytes = cbor2.dumps(wire, canonical=True)
+    # Already canonical (RFC 8949 4.2): keys go in ascending order (every spec lists them so, and
+    # the one nested map, provisioning, too), and there are only ints, strings, byte strings,
+    # arrays and true, which cbor2 always writes in shortest form. canonical=True would only
+    # sort again, at a third of an issuance reply's encoding cost (test_round_trip checks it).
+    data: bytes = cbor2.dumps(wire)
     limit = MAX_FEED_BYTES if message.TYPE in FEED_TYPES else MAX_MESSAGE_BYTES
     if len(data) > limit:
         raise LocalProtocolError(
@@ -347,10 +355,9 @@ def _from_wire(wire: object) -> m.Message:
     type_number = wire.get(1)
     if type(type_number) is not int:
         raise DecodeError("message type (key 1) missing or not an integer")
-    try:
-        cls = m.MESSAGE_CLASSES[MessageType(type_number)]
-    except ValueError:
-        raise UnknownMessageType(f"unknown message type {type_number}", message_type=type_number) from None
+    cls = _CLASSES.get(type_number)
+    if cls is None:
+        raise UnknownMessageType(f"unknown message type {type_number}", message_type=type_number)
     kwargs: dict[str, Any] = {}
     for f in _SPECS[cls]:
         if f.key not in wire:

@@ -234,6 +234,31 @@ class CertificateIssued:
     renewal_window: RenewalWindow | None = None
 
     def __post_init__(self) -> None:
+        self._check_fields()
+        # Parse now: an instance that exists has a readable certificate.
+        _ = self.x509
+
+    @classmethod
+    def of_own_certificate(
+        cls,
+        *,
+        request_id: bytes,
+        certificate: bytes,
+        chain: tuple[bytes, ...] = (),
+        renewal_window: RenewalWindow | None = None,
+    ) -> CertificateIssued:
+        """The reply of a CA about a certificate it has just signed itself: every check of the
+        constructor but parsing ``certificate``, which waits for the first use of :attr:`x509`
+        (or of the serial, validity, position read from it). Equal to, and encoded exactly as,
+        the constructor's instance. Messages decoded from the wire always go through the
+        constructor, which refuses an unreadable certificate."""
+        message = object.__new__(cls)
+        message.__dict__.update(request_id=request_id, certificate=certificate, chain=chain,
+                                renewal_window=renewal_window)
+        message._check_fields()
+        return message
+
+    def _check_fields(self) -> None:
         _check_request_id(self.request_id)
         _check_der("certificate", self.certificate)
         if type(self.chain) is not tuple or len(self.chain) > MAX_CHAIN_LENGTH:
@@ -245,8 +270,6 @@ class CertificateIssued:
                 raise _fail("renewal_window must be a RenewalWindow or None")
             _check_time("renewal_window.start", self.renewal_window.start)
             _check_time("renewal_window.end", self.renewal_window.end)
-        # Parse now: an instance that exists has a readable certificate.
-        _ = self.x509
 
     @cached_property
     def x509(self) -> x509.Certificate:

@@ -652,7 +652,10 @@ class CAService:
                 self._reply_parts.clear()
             cached = self._reply_parts[key] = (authority.chain_der(), _suggested_window(record, profile_policy))
         chain, window = cached
-        message = CertificateIssued(request_id=request_id, certificate=record.der, chain=chain, renewal_window=window)
+        # The certificate is one this CA signed (just now, or for the request being replayed): no
+        # need to parse it again to prove it readable.
+        message = CertificateIssued.of_own_certificate(request_id=request_id, certificate=record.der, chain=chain,
+                                                       renewal_window=window)
         return Outcome(replies=(Outgoing(reply_topic, encode(message)),))
 
     async def _slot(self, tenant: str, region: str) -> tuple[int, int]:

@@ -466,3 +466,73 @@ def test_mutation_fuzz_short_run() -> None:
 def test_example_csr_is_a_real_csr() -> None:
     csr = x509.load_der_x509_csr(example_csr())
     assert csr.is_signature_valid
+
+
+# --- the CA's own replies: CertificateIssued.of_own_certificate ----------------------------
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(request_id=request_ids, certificate=certificates,
+       chain=st.lists(certificates, max_size=m.MAX_CHAIN_LENGTH).map(tuple), window=st.none() | windows())
+def test_own_certificate_reply_is_the_constructors(request_id: bytes, certificate: bytes, chain: tuple[bytes, ...],
+                                                   window: RenewalWindow | None) -> None:
+    checked = m.CertificateIssued(request_id=request_id, certificate=certificate, chain=chain, renewal_window=window)
+    own = m.CertificateIssued.of_own_certificate(request_id=request_id, certificate=certificate, chain=chain,
+                                                 renewal_window=window)
+    assert type(own) is m.CertificateIssued
+    assert own == checked and hash(own) == hash(checked)
+    assert codec.encode(own) == codec.encode(checked)
+    assert codec.decode(codec.encode(own)) == checked
+    assert (own.serial, own.not_before, own.not_after, own.status_position) == (
+        checked.serial, checked.not_before, checked.not_after, checked.status_position)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"request_id": b"short"},
+        {"certificate": b""},
+        {"certificate": b"x" * (m.MAX_DER_BYTES + 1)},
+        {"chain": [b"x"]},
+        {"chain": (b"x",) * (m.MAX_CHAIN_LENGTH + 1)},
+        {"renewal_window": "soon"},
+    ],
+)
+def test_own_certificate_reply_keeps_the_field_checks(fields: dict[str, object]) -> None:
+    args: dict[str, object] = {"request_id": bytes(16), "certificate": example_certificate(), **fields}
+    with pytest.raises(LocalProtocolError):
+        m.CertificateIssued.of_own_certificate(**args)  # type: ignore[arg-type]
+
+
+def test_own_certificate_reply_parses_only_when_asked() -> None:
+    """Only the parse is skipped: an unreadable certificate still cannot be read from it, and the
+    same bytes decoded from the wire are refused as before."""
+    own = m.CertificateIssued.of_own_certificate(request_id=bytes(16), certificate=b"junk")
+    with pytest.raises(LocalProtocolError, match="not a DER X.509 certificate"):
+        _ = own.serial
+    with pytest.raises(DecodeError):
+        codec.decode(codec.encode(own))
+
+
+def test_negative_serial_certificate_refused_from_the_wire() -> None:
+    der = bytearray(example_certificate())
+    # Flip the serial's first content octet's top bit: a negative INTEGER (RFC 5280 forbids it).
+    def head(pos: int) -> int:  # length of the DER head at pos
+        return 2 + (der[pos + 1] & 0x7F if der[pos + 1] & 0x80 else 0)
+
+    tbs = head(0)
+    tbs += head(tbs)
+    serial_at = tbs + 5 if der[tbs] == 0xA0 else tbs  # after [0] version
+    assert der[serial_at] == 0x02
+    der[serial_at + 2] |= 0x80
+    wire = codec.encode(m.CertificateIssued.of_own_certificate(request_id=bytes(16), certificate=bytes(der)))
+    with pytest.raises(DecodeError, match="not a positive integer"):
+        codec.decode(wire)
+
+
+def test_every_spec_lists_its_keys_in_ascending_order() -> None:
+    """encode relies on it to write canonical CBOR without sorting (RFC 8949 section 4.2)."""
+    for cls, spec in codec._SPECS.items():
+        keys = [f.key for f in spec]
+        assert keys == sorted(keys) and keys[0] > 1, cls.__name__
+    assert list(codec._prov_to_wire(m.ProvisioningParameters(device_id="d", region="r"))) == [1, 2]
