@@ -268,3 +268,53 @@ async def test_mixed_qos_copies_around_remaining_length_boundaries(
         p1 = await _read_raw(client)
         assert p1 is not None and (p1.topic, p1.payload, p1.flags) == (TOPIC, payload, 2)
         assert _packet_id(p1) in hardened._sessions[name][0].inflight_out  # noqa: SLF001
+
+
+async def _fanned_out(broker: HardenedBroker) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 2
+    while (not broker._broadcast_queue.empty() or broker._fanning) and loop.time() < deadline:  # noqa: SLF001
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+
+
+def _tls_transport(broker: HardenedBroker, client_id: str) -> Any:
+    handler = broker._sessions[client_id][1]  # noqa: SLF001
+    return handler.writer._writer.transport  # type: ignore[union-attr]  # noqa: SLF001
+
+
+async def test_copies_bypass_the_tls_transports_write_on_this_python(pki: Pki, hardened: HardenedBroker) -> None:
+    # The direct write leans on asyncio's sslproto internals; on an interpreter where they
+    # moved, this fails instead of the broker silently falling back to the slower path.
+    port = hardened.listen_port()
+    sub = await _client(pki, port, "direct", qos=1)
+    transport = _tls_transport(hardened, "direct")
+    assert fanout_module._direct(transport) is not None  # noqa: SLF001
+    stock: list[bytes] = []
+    write = transport.write
+    transport.write = lambda data: (stock.append(bytes(data)), write(data))[1]
+    await hardened._broadcast_message(None, TOPIC, b"delta-1")  # noqa: SLF001
+    packet = await _read_raw(sub)
+    assert packet is not None and (packet.topic, packet.payload, packet.flags) == (TOPIC, b"delta-1", 2)
+    assert stock == [], "the copy went through the TLS transport's own write"
+
+
+async def test_copy_written_while_the_socket_is_paused_queues_in_order(pki: Pki, hardened: HardenedBroker) -> None:
+    # A paused socket (its buffer over the high-water mark) holds TLS records in sslproto's
+    # buffer: a copy encrypted past it would reach the client first. It takes the stock write.
+    port = hardened.listen_port()
+    sub = await _client(pki, port, "paused", qos=0)
+    transport = _tls_transport(hardened, "paused")
+    tls = transport._ssl_protocol  # noqa: SLF001
+    tls.pause_writing()  # what the socket transport calls when its buffer passes the mark
+    assert fanout_module._direct(transport) is None  # noqa: SLF001
+    for n in range(3):
+        await hardened._broadcast_message(None, TOPIC, b"copy-%d" % n)  # noqa: SLF001
+    await _fanned_out(hardened)
+    assert transport.get_write_buffer_size() > 0, "the copies wait in the TLS layer"
+    assert await _read_raw(sub, timeout=0.2) is None
+    tls.resume_writing()
+    assert fanout_module._direct(transport) is not None  # noqa: SLF001
+    await hardened._broadcast_message(None, TOPIC, b"copy-3")  # noqa: SLF001
+    got = [await _read_raw(sub) for _ in range(4)]
+    assert [p.payload if p else None for p in got] == [b"copy-0", b"copy-1", b"copy-2", b"copy-3"]
