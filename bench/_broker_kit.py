@@ -271,9 +271,12 @@ class _RevocationStages:
             return send(fan, handler, session, qos)
 
         async def on_fan_out(broadcast: Any, running_tasks: Any) -> None:
+            cpu = time.thread_time()
             await fan_out(broadcast, running_tasks)
-            if "/rev/" in broadcast["topic"]:
+            if "/rev/" in broadcast["topic"] and current:
                 mark("6 last copy written")
+                current["7 fan-out CPU (loop thread), us per copy"] = (
+                    (time.thread_time() - cpu) * 1e6 / max(1, len(broker._subscriptions.get(broadcast["topic"], ()))))
 
         fo.Fanout.send = on_send  # type: ignore[method-assign]
         broker._fan_out = on_fan_out  # noqa: SLF001
@@ -282,7 +285,8 @@ class _RevocationStages:
         """Median and max of each stage over the revocations seen."""
         rounds = self.rounds + ([dict(self._current)] if self._current else [])
         names = sorted({k for r in rounds for k in r if k != "t0"})
-        return {name: {"p50": round(percentile([r[name] for r in rounds if name in r], 50), 2),
+        out: dict[str, Any] = {"arrivals": [r["t0"] for r in rounds]}
+        return out | {name: {"p50": round(percentile([r[name] for r in rounds if name in r], 50), 2),
                        "max": round(max(r[name] for r in rounds if name in r), 2)} for name in names}
 
 
