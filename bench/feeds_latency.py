@@ -275,8 +275,10 @@ async def _main(args: argparse.Namespace) -> int:
             if len(arrivals) == len(starts):  # perf_counter is the system's monotonic clock
                 wait = [(a - s) * 1000 for a, s in zip(arrivals, starts)]
                 print(f"  0 request reached the plugin, ms after the bench's PUBLISH: p50 {percentile(wait, 50):.2f}, max {max(wait):.2f}")
+            fan_outs = stats["revocation_stages_ms"].pop("fan_out_ms")
             for name, value in stats["revocation_stages_ms"].items():
                 print(f"  {name}: p50 {value['p50']}, max {value['max']}")
+            print("  fan-out per revocation, wall / loop-thread CPU ms:", " ".join(f"{w:g}/{c:g}" for w, c in fan_outs))
         probe = stats.get("probe")
         if probe is not None:
             print("broker probe (CERTMQ_BENCH_PROBE):")
