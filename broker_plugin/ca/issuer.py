@@ -274,7 +274,10 @@ def _der_len(n: int) -> bytes:
 
 
 def _tlv(tag: int, body: bytes) -> bytes:
-    return bytes((tag,)) + _der_len(len(body)) + body
+    size = len(body)
+    if size < 0x80:  # most parts of a certificate: no call for the length
+        return bytes((tag, size)) + body
+    return bytes((tag,)) + _der_len(size) + body
 
 
 def _oid_der(dotted: str) -> bytes:
@@ -316,6 +319,7 @@ def _der_item(der: bytes, pos: int) -> tuple[int, int]:
 _Extension = x509.Extension[x509.ExtensionType]
 _CN_OID = b"\x06\x03\x55\x04\x03"
 _SKI_HEAD = _oid_der(x509.OID_SUBJECT_KEY_IDENTIFIER.dotted_string) + b"\x04\x16\x04\x14"
+_SKI_EXT_HEAD = b"\x30" + bytes((len(_SKI_HEAD) + 20,)) + _SKI_HEAD  # then the 20-byte key id
 _SAN_OID = _oid_der(x509.OID_SUBJECT_ALTERNATIVE_NAME.dotted_string)
 _STATUS_OID = _oid_der(extensions.STATUS_POSITION_OID)
 _VERSION_3 = b"\xa0\x03\x02\x01\x02"
@@ -630,7 +634,7 @@ class Issuer:
         parts = [
             self._basic_der,
             der_of(key_usage),
-            _tlv(0x30, _SKI_HEAD + ski.digest) if len(ski.digest) == 20 else _ext_der(_ext(ski, False)),
+            _SKI_EXT_HEAD + ski.digest if len(ski.digest) == 20 else _ext_der(_ext(ski, False)),
             self._aki_der,
             _tlv(0x30, _SAN_OID + _tlv(0x04, _tlv(0x30, _tlv(0x86, urn.encode("ascii"))))),
         ]
