@@ -289,3 +289,36 @@ def test_non_ecdsa_and_deterministic_requests_are_refused(session: HsmSession) -
     key = generate_ec_key(session, _label(), "p256")
     with pytest.raises(HsmError, match="deterministic"):
         key.sign(b"x", ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
+
+
+@pytest.mark.parametrize("curve", ["p256", "p384"])
+def test_issuer_on_a_token_key_signs_its_template_certificates_on_the_token(
+    session: HsmSession, curve: str, tmp_path: Path
+) -> None:
+    """An Issuer over a token EC key builds certificates from its DER template and has the token
+    sign them (the same sign(data, ECDSA(hash)) call CertificateBuilder makes): the TBS is the
+    builder's, and openssl verifies the result."""
+    from broker_plugin.ca.authority import create_tenant_ca
+    from broker_plugin.ca.issuer import Issuer
+    from broker_plugin.ca.policy import TenantPolicy
+    from protocol.codes import Profile
+
+    key = generate_ec_key(session, _label(), curve)
+    ca = create_tenant_ca(tenant="acme", root_key=ec.generate_private_key(ec.SECP384R1()), issuing_key=key, now=NOW)
+    policy = TenantPolicy(name="acme", crl_url="http://crl.example/certmq")
+    fast = Issuer(ca_certificate=ca.issuing, ca_key=key, tenant_policy=policy)
+    slow = Issuer(ca_certificate=ca.issuing, ca_key=key, tenant_policy=policy)
+    slow._template_ok = False
+    assert fast._template_ok
+    device_key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    args = dict(device_id="sensor-9", profile=Profile.IDENTITY, public_key=device_key, serial=77, not_before=NOW,
+                status_position=(1, 2), region="eu-west", capabilities=("telemetry",))
+    signed = fast.issue_der(**args)  # type: ignore[arg-type]
+    cert = x509.load_der_x509_certificate(signed.der)
+    assert cert.tbs_certificate_bytes == slow.issue(**args).tbs_certificate_bytes  # type: ignore[arg-type]
+    assert isinstance(cert.signature_hash_algorithm, HASH_FOR[curve])
+    cert.verify_directly_issued_by(ca.issuing)
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (ca.issuing, ca.root)))
+    proc = _openssl_verify(chain, _write(tmp_path / "leaf.pem", cert))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
