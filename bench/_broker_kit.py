@@ -27,6 +27,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -221,7 +222,7 @@ class _RevocationStages:
         from broker_plugin import fanout as fo
 
         self.rounds: list[dict[str, float]] = []
-        self.fan_out_ms: list[tuple[float, float]] = []  # per revocation: fan-out wall, loop-thread CPU
+        self.fan_out_ms: list[tuple[float, float, float]] = []  # per revocation: fan-out wall, loop-thread CPU, run queue
         current: dict[str, float] = {}
         self._current = current
 
@@ -271,16 +272,27 @@ class _RevocationStages:
             mark("5 first copy written")
             return send(fan, handler, session, qos)
 
+        schedstat = f"/proc/self/task/{threading.get_native_id()}/schedstat"
+
+        def runqueue_wait() -> float:  # seconds this thread was runnable but not running (Linux)
+            try:
+                with open(schedstat) as f:
+                    return int(f.read().split()[1]) / 1e9
+            except (OSError, IndexError, ValueError):
+                return float("nan")
+
         async def on_fan_out(broadcast: Any, running_tasks: Any) -> None:
-            cpu, wall = time.thread_time(), time.perf_counter()
+            cpu, wall, queued = time.thread_time(), time.perf_counter(), runqueue_wait()
             await fan_out(broadcast, running_tasks)
             if "/rev/" in broadcast["topic"] and current:
                 mark("6 last copy written")
                 cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+                queued = runqueue_wait() - queued
+                current["8 fan-out waiting for a CPU (run queue), ms"] = queued * 1000
                 current["7 fan-out CPU (loop thread), us per copy"] = (
                     cpu * 1e6 / max(1, len(broker._subscriptions.get(broadcast["topic"], ()))))  # noqa: SLF001
-                # wall well above CPU: the loop thread waited (the GIL, the scheduler); both up: slower work
-                self.fan_out_ms.append((round(wall * 1000, 1), round(cpu * 1000, 1)))
+                # wall well above CPU: the loop thread waited (for a CPU: stage 8; else the GIL); both up: slower work
+                self.fan_out_ms.append((round(wall * 1000, 1), round(cpu * 1000, 1), round(queued * 1000, 1)))
 
         fo.Fanout.send = on_send  # type: ignore[method-assign]
         broker._fan_out = on_fan_out  # noqa: SLF001
@@ -501,6 +513,8 @@ def _child_main(argv: list[str]) -> None:
     logging.getLogger("asyncio").setLevel(logging.WARNING)
     if config.get("switch_interval"):
         sys.setswitchinterval(config["switch_interval"])
+    if config.get("cpus"):
+        os.sched_setaffinity(0, config["cpus"])  # before any thread or worker process: they inherit it
     profile = config.get("profile")
     if profile:
         import cProfile
@@ -524,14 +538,15 @@ class BrokerChild:
     """
 
     def __init__(self, datadir: Path, *, plugin: dict[str, Any], profile: Path | None = None,
-                 tag: str = "broker", switch_interval: float | None = None) -> None:
+                 tag: str = "broker", switch_interval: float | None = None, cpus: list[int] | None = None) -> None:
         folder = datadir.parent
         self.ready = folder / f"{tag}.ready.json"
         self.ready.unlink(missing_ok=True)
         config_path = folder / f"{tag}.config.json"
         config = {"plugin": {"data_dir": str(datadir), "passphrase_env": PASS_ENV, **plugin},
                   "profile": str(profile) if profile else None,
-                  "switch_interval": switch_interval or float(os.environ.get("CERTMQ_BENCH_SWITCH", "0"))}
+                  "switch_interval": switch_interval or float(os.environ.get("CERTMQ_BENCH_SWITCH", "0")),
+                  "cpus": cpus}
         config_path.write_text(json.dumps(config))
         # CERTMQ_BENCH_LOGDIR keeps the broker's log after the run (the data directory is temporary)
         self.log = Path(os.environ.get("CERTMQ_BENCH_LOGDIR") or folder) / f"{tag}.log"

@@ -7,6 +7,7 @@ storm's retries, pinger and registry check -- and that every request got its rig
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -15,9 +16,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(script: str, *args: str, timeout: float = 60) -> tuple[int, str]:
+def _run(script: str, *args: str, timeout: float = 60, env: dict[str, str] | None = None) -> tuple[int, str]:
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=None if env is None else {**os.environ, **env})
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -49,12 +50,23 @@ def test_broker_storm_bench_issues_every_device_exactly_once() -> None:
 def test_feeds_latency_bench_delivers_every_signed_delta() -> None:
     """20 subscribers, 3 timed rounds and the warm-up: every subscriber gets every delta, each
     verifies against the tenant CA and names the revoked certificate's index (the bench exits
-    non-zero otherwise); the percentiles and the per-round arrivals are printed."""
-    rc, out = _run("feeds_latency.py", "--subscribers", "20", "--rounds", "3", "--settle", "0.2")
+    non-zero otherwise); the percentiles and the per-round arrivals are printed. With two CPUs or
+    more the broker and the subscribers run on CPUs of their own; the broker's stage diagnosis
+    (CERTMQ_BENCH_REVOKE_STAGES) reports every stage for each revocation."""
+    rc, out = _run("feeds_latency.py", "--subscribers", "20", "--rounds", "3", "--settle", "0.2",
+                   env={"CERTMQ_BENCH_REVOKE_STAGES": "1"})
     assert rc == 0, out
     assert "n=60 " in out and "missing 0; bad (unsigned, wrong index) 0 of 80" in out, out
     assert re.search(r"last arrival by round: \[\d+, \d+, \d+\]", out), out
     assert re.search(r"warm-up rounds .*last arrival \[\d+\] ms", out), out
+    assert ("cpus: broker [" in out) == (len(os.sched_getaffinity(0)) >= 2), out
+    assert re.search(r"0 request reached the plugin, ms after the bench's PUBLISH: p50 \d", out), out
+    for stage in ("2 service answered", "4 signed delta published", "6 last copy written",
+                  "7 fan-out CPU (loop thread), us per copy", "8 fan-out waiting for a CPU (run queue), ms"):
+        assert re.search(re.escape(stage) + r": p50 \d+(\.\d+)?, max \d", out), (stage, out)
+    # one wall / CPU / run-queue triple per revocation, the warm-up's included
+    fan_outs = re.search(r"fan-out per revocation, wall / loop-thread CPU / waiting for a CPU, ms: (.*)", out)
+    assert fan_outs is not None and len(fan_outs.group(1).split()) == 4, out
 
 
 class _Clock:
