@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, mldsa, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -37,6 +39,7 @@ from broker_plugin.ca.policy import KeyPolicy, PolicyRefusal, ProfilePolicy, Ten
 from protocol import extensions
 from protocol.codes import ErrorCode, Profile
 from protocol.errors import InvalidIdentifier
+from protocol.topics import validate_identifier
 
 NOW = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(minutes=5)
 
@@ -641,3 +644,39 @@ def test_a_template_unlike_the_builders_is_not_used(ec_ca, subject_keys, monkeyp
     cert = issue(issuer, subject_keys["p256"].public_key())
     assert cert.not_valid_before_utc == NOW
     assert openssl_verify(directory, cert, "-purpose", "sslclient").returncode == 0
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    device_id=st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=64),
+    serial=st.integers(min_value=1, max_value=2**159 - 1),
+    status=st.none() | st.tuples(st.integers(0, 2**31 - 1), st.integers(0, 2**16 - 1)),
+    region=st.none() | st.sampled_from(["eu-west", "r", "région-ü", "x" * 40]),
+    capabilities=st.lists(st.sampled_from(["telemetry", "cmd", "ota", "fw-é"]), unique=True, max_size=4),
+    offset=st.integers(min_value=0, max_value=40 * 365 * 86400 * 10**6),
+    profile=st.sampled_from(list(Profile)),
+)
+def test_template_equals_builder_for_any_valid_request(  # type: ignore[no-untyped-def]
+    ec_ca, subject_keys, device_id, serial, status, region, capabilities, offset, profile
+) -> None:
+    """Differential: over random identifiers (any UTF-8 a device id may hold, up to 64 bytes),
+    serials up to 159 bits (every DER length and sign-octet case), status positions, regions,
+    capabilities, profiles and start times (sub-second, decades ahead), the template path's
+    TBSCertificate is byte for byte CertificateBuilder's -- or both refuse the request alike."""
+    try:
+        validate_identifier(device_id)
+    except InvalidIdentifier:
+        assume(False)
+    policy = TenantPolicy(name="acme", crl_url="http://crl.example/certmq", default_region="eu-north")
+    fast, slow = make_issuer(ec_ca, policy), builder_only(make_issuer(ec_ca, policy))
+    assert fast._template_ok
+    args = dict(device_id=device_id, serial=serial, status_position=status, region=region,
+                capabilities=tuple(capabilities), not_before=NOW + timedelta(microseconds=offset))
+    key = subject_keys["p256"].public_key()
+    outcomes = []
+    for issuer in (fast, slow):
+        try:
+            outcomes.append(issue(issuer, key, profile, **args).tbs_certificate_bytes)
+        except (ValueError, InvalidIdentifier, PolicyRefusal) as exc:
+            outcomes.append(type(exc))
+    assert outcomes[0] == outcomes[1]
