@@ -69,7 +69,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import cbor2
 from cryptography import x509
@@ -138,6 +138,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _ASCII_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~-]*")
 # Device and provisioning request topics whose identifiers are plain ASCII, which every
@@ -917,9 +918,11 @@ class CAService:
                 if p.same_key_refusal is not None and result.spki_sha256 == p.same_key_refusal[0]:
                     raise PolicyRefusal(ErrorCode.KEY_REJECTED, p.same_key_refusal[1])
                 record = _record(p, result)
-                audit = AuditEvent(kind=p.audit_kind, actor=p.actor, subject=record.device_id, time=now,
-                                   tenant=record.tenant, details=_issue_details(record, p))
-                items.append(IssuanceItem(record=record, request=p.request, audit=audit, claim=p.claim))
+                # Values of the service's own making (now: aware UTC, from _now): no checks again.
+                audit = _trusted(AuditEvent, dict(kind=p.audit_kind, actor=p.actor, subject=record.device_id,
+                                                  time=now, tenant=record.tenant, details=_issue_details(record, p)))
+                items.append(_trusted(IssuanceItem, dict(record=record, request=p.request, audit=audit,
+                                                         claim=p.claim)))
                 owners.append(p)
             except PolicyRefusal as refusal:
                 refusals[id(p)] = refusal.code, refusal.text
@@ -1117,12 +1120,28 @@ def _record(pending: _Pending, result: SignResult) -> CertificateRecord:
         not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
     job = pending.job
     list_id, index = job.status_position if job.status_position is not None else (None, None)
-    return CertificateRecord(
+    fields = dict(
         tenant=job.tenant, serial=job.serial, device_id=job.device_id, profile=job.profile.label,
         region=pending.region, not_before=not_before, not_after=not_after,
         der=result.der, spki_sha256=result.spki_sha256, issued_at=job.not_before, status_list_id=list_id,
         status_index=index, kind=pending.kind, replaced_serial=pending.replaced_serial,
     )
+    if (type(result.der) is not bytes or not result.der or type(result.spki_sha256) is not bytes
+            or len(result.spki_sha256) != 32 or not_after < not_before or type(pending.kind) is not CertificateKind):
+        return CertificateRecord(**fields)  # raises: the signer's result is not what it should be
+    # Every other field is the service's own, made valid where it was made (serial from
+    # random_serial, ids validated with the request, times aware UTC from the clock or the
+    # signed epochs): the record needs none of the constructor's checks again.
+    return _trusted(CertificateRecord, fields, status=CertificateStatus.ACTIVE, revoked_at=None,
+                    revocation_reason=None)
+
+
+def _trusted(cls: type[_T], fields: dict[str, Any], **rest: Any) -> _T:
+    """A frozen dataclass value of ``cls`` from values the service made itself and knows valid,
+    without ``__post_init__`` (every field given; tests check it equals the checked constructor's)."""
+    value = object.__new__(cls)
+    value.__dict__.update(fields, **rest)
+    return value
 
 
 def _issue_details(record: CertificateRecord, pending: _Pending) -> dict[str, Any]:

@@ -193,21 +193,43 @@ def _str_keys_only(value: Any) -> bool:
     return True
 
 
-def _flat_details(raw: dict[Any, Any]) -> dict[str, Any] | None:
-    """``raw`` already in the form JSON gives back (sorted str keys; str, int, bool and None values,
-    bytes as hex, datetimes as epoch seconds) when it is that simple -- the CA core's details
-    are -- else None. The result equals ``json.loads(canonical_json(raw))``."""
+def _flat_details(raw: Mapping[Any, Any]) -> tuple[dict[str, Any], str] | None:
+    """``(json.loads(text), text)`` with ``text = canonical_json(raw)``, written here without the
+    encoder when ``raw`` is that simple -- str keys; str, int, bool and None values, bytes (hex)
+    and datetimes (epoch seconds) -- as the CA core's details are; else None.
+
+    Canonical JSON of such a mapping is its sorted items, each key and str value as the encoder
+    writes a str, ints as ``int.__repr__`` (what the encoder uses), so the text is the same."""
     out: dict[str, Any] = {}
-    for key in sorted(raw) if all(type(k) is str for k in raw) else ():
+    parts: list[str] = []
+    try:
+        keys = sorted(raw)
+    except TypeError:  # keys of mixed types: not simple
+        return None
+    for key in keys:
+        if type(key) is not str:
+            return None
         value = raw[key]
         kind = type(value)
-        if kind is str or kind is int or kind is bool or value is None:
-            out[key] = value
-        elif kind is bytes or kind is dt.datetime:
-            out[key] = _json_default(value)
+        if kind is str:
+            piece = _json_string(value)
+        elif kind is int:
+            piece = int.__repr__(value)
+        elif kind is bytes:
+            value = value.hex()
+            piece = '"' + value + '"'  # hex digits need no escaping
+        elif value is None:
+            piece = "null"
+        elif kind is bool:
+            piece = "true" if value else "false"
+        elif kind is dt.datetime:
+            value = _json_default(value)
+            piece = int.__repr__(value)
         else:
             return None
-    return out if len(out) == len(raw) else None
+        out[key] = value
+        parts.append(_json_string(key) + ":" + piece)
+    return out, "{" + ",".join(parts) + "}"
 
 
 def seal_with_text(event: AuditEvent, *, seq: int, prev_hash: bytes) -> tuple[AuditEntry, str]:
@@ -215,12 +237,13 @@ def seal_with_text(event: AuditEvent, *, seq: int, prev_hash: bytes) -> tuple[Au
     if len(prev_hash) != 32:
         raise ValueError("prev_hash must be 32 bytes")
     raw = dict(event.details)
-    epoch = int(event.time.timestamp())
+    time = event.time
+    epoch = int(time.timestamp())
     kind = str(event.kind)
     flat = _flat_details(raw)
+    details: Any
     if flat is not None:
-        text = canonical_json(flat)
-        details: Any = flat
+        details, text = flat
     else:
         text = canonical_json(raw)
         details = json.loads(text)
@@ -228,18 +251,20 @@ def seal_with_text(event: AuditEvent, *, seq: int, prev_hash: bytes) -> tuple[Au
         # With string keys only, canonical JSON is a fixed point (re-encoding the parsed text gives
         # the text back), so the hashed body can be put together around it instead of encoding the
         # details twice more. Non-string keys (JSON turns 10 and 2 into "10" < "2") take the long way.
-        def string(value: str | None) -> str:
-            return "null" if value is None else _json_string(value)
-
-        body = (f'{{"actor":{string(event.actor)},"details":{text},"kind":{string(kind)},"seq":{seq},'
-                f'"subject":{string(event.subject)},"tenant":{string(event.tenant)},"time":{epoch}}}')
+        tenant = event.tenant
+        body = (f'{{"actor":{_json_string(event.actor)},"details":{text},"kind":{_json_string(kind)},"seq":{seq},'
+                f'"subject":{_json_string(event.subject)},'
+                f'"tenant":{"null" if tenant is None else _json_string(tenant)},"time":{epoch}}}')
     else:
         text = canonical_json(details)
         body = _hashed_fields(seq=seq, epoch=epoch, tenant=event.tenant, kind=kind, actor=event.actor,
                               subject=event.subject, details=details)
     entry = AuditEntry(
         seq=seq,
-        time=dt.datetime.fromtimestamp(epoch, dt.UTC),
+        # An event's time is aware UTC (AuditEvent makes it so); at whole seconds it is already
+        # what is stored.
+        time=(time if type(time) is dt.datetime and time.tzinfo is dt.UTC and not time.microsecond and not time.fold
+              else dt.datetime.fromtimestamp(epoch, dt.UTC)),
         tenant=event.tenant,
         kind=kind,
         actor=event.actor,

@@ -488,18 +488,21 @@ def _chunks(values: Sequence[T], size: int) -> list[Sequence[T]]:
     return [values[i:i + size] for i in range(0, len(values), size)]
 
 
+@functools.lru_cache(maxsize=256)
 def _values_placeholders(rows: int, width: int) -> str:
-    """``($1, $2), ($3, $4)`` for a multi-row VALUES of ``rows`` x ``width`` (the same few shapes
-    recur batch after batch)."""
+    """``($1, $2), ($3, $4)`` for a multi-row VALUES of ``rows`` x ``width`` (cached: the same few
+    shapes recur batch after batch, and a full batch's text has ~900 placeholders)."""
     return ", ".join("(" + ", ".join(f"${i * width + j + 1}" for j in range(width)) + ")" for i in range(rows))
 
 
-def _cert_row(record: CertificateRecord) -> tuple[Any, ...]:
-    # The values of _CERT_COLS for a newly issued (active) certificate.
+def _cert_row(record: CertificateRecord, serial: str | None = None, issued_at: int | None = None) -> tuple[Any, ...]:
+    # The values of _CERT_COLS for a newly issued (active) certificate; ``serial`` and
+    # ``issued_at``: their stored forms when the caller has them already.
     return (
-        record.tenant, serial_hex(record.serial), record.device_id, record.profile, record.region,
-        str(record.status), to_epoch(record.not_before), to_epoch(record.not_after), record.der,
-        record.spki_sha256, record.status_list_id, record.status_index, to_epoch(record.issued_at), None, None,
+        record.tenant, serial_hex(record.serial) if serial is None else serial, record.device_id, record.profile,
+        record.region, str(record.status), to_epoch(record.not_before), to_epoch(record.not_after), record.der,
+        record.spki_sha256, record.status_list_id, record.status_index,
+        to_epoch(record.issued_at) if issued_at is None else issued_at, None, None,
         str(record.kind), None if record.replaced_serial is None else serial_hex(record.replaced_serial),
     )
 
@@ -783,18 +786,21 @@ class Registry(abc.ABC):
                  for i in batch if i.record.status_index is not None]
         if len(set(keys)) != len(keys) or len(set(serials)) != len(serials) or len(set(slots)) != len(slots):
             raise _Contended
+        # Stored forms of each item's serial and issuance time, made once for all its rows.
+        stored_forms = {id(i): (serial_hex(i.record.serial), to_epoch(i.record.issued_at)) for i in batch}
         keyed = sorted((i for i in batch if i.request is not None),
                        key=lambda i: (i.record.tenant, i.request.identity, i.request.request_id))  # type: ignore[union-attr]
         if keyed:
             won = await self._insert_rows(
                 tx, "requests", "tenant, identity, request_id, serial, fingerprint, created_at",
-                [(i.record.tenant, i.request.identity, i.request.request_id, serial_hex(i.record.serial),  # type: ignore[union-attr]
-                  i.request.fingerprint, to_epoch(i.record.issued_at)) for i in keyed],  # type: ignore[union-attr]
+                [(i.record.tenant, i.request.identity, i.request.request_id, stored_forms[id(i)][0],  # type: ignore[union-attr]
+                  i.request.fingerprint, stored_forms[id(i)][1]) for i in keyed],  # type: ignore[union-attr]
                 "serial",
             )
             if len(won) != len(keyed):
                 raise _Contended
-        stored = await self._insert_rows(tx, "certificates", _CERT_COLS, [_cert_row(i.record) for i in batch], "serial")
+        stored = await self._insert_rows(tx, "certificates", _CERT_COLS,
+                                         [_cert_row(i.record, *stored_forms[id(i)]) for i in batch], "serial")
         if len(stored) != len(batch):
             raise _Contended
         spends: dict[tuple[str, str], list[IssuanceItem]] = {}
@@ -814,8 +820,7 @@ class Registry(abc.ABC):
                 if uses >= item.claim.max_uses:
                     raise _Contended
                 uses += 1
-                uses_rows.append((tenant, claim_id, uses, item.record.device_id, serial_hex(item.record.serial),
-                                  to_epoch(item.record.issued_at)))
+                uses_rows.append((tenant, claim_id, uses, item.record.device_id, *stored_forms[id(item)]))
             await tx.execute("UPDATE claims SET uses = $3 WHERE tenant = $1 AND claim_id = $2", tenant, claim_id, uses)
         if uses_rows:
             await self._insert_rows(tx, "claim_uses", "tenant, claim_id, use_no, device_id, serial, at", uses_rows,

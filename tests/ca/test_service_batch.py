@@ -5,13 +5,15 @@ calls are coalesced into batches; ``issue_direct`` refusals are audited (SQLite 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import datetime as dt
 from typing import Any
 
 import pytest
 
 from broker_plugin.ca.policy import PolicyRefusal
 from broker_plugin.ca.service import CAService
-from broker_plugin.store.base import CertificateKind, RegistryError
+from broker_plugin.store.base import CertificateKind, CertificateRecord, RegistryError
 from protocol.codec import decode, encode
 from protocol.codes import ErrorCode, Profile
 from protocol.messages import CertificateIssued, CertificateRequest, Error, ProvisioningParameters
@@ -199,3 +201,45 @@ async def test_a_backend_without_validity_in_its_results_stores_the_same_records
         record = await kit.registry.get_certificate("acme", cert.serial_number)
         assert record is not None
         assert (record.not_before, record.not_after) == (cert.not_valid_before_utc, cert.not_valid_after_utc)
+
+
+async def test_records_built_without_checks_equal_the_checked_ones(kit: Kit) -> None:
+    # The service builds the records and audit events of what it just signed without their
+    # constructors' checks: what it commits, returns and what the registry reads back must be
+    # exactly what the checked constructors make of the same values.
+    claim = await kit.claim_credential("acme", "claim-1", max_uses=5)
+    committed: list[Any] = []
+    real = kit.registry.commit_issuances
+
+    async def spy(items: Any) -> Any:
+        committed.extend(items)
+        return await real(items)
+
+    kit.registry.commit_issuances = spy  # type: ignore[method-assign]
+    outcomes = await kit.service.handle_many([_request(claim, f"sensor-{i}") for i in range(3)])
+    assert all(_summary(o)[0] == "issued" for o in outcomes) and len(committed) == 3
+    for item in committed:
+        record = item.record
+        checked = CertificateRecord(**{f.name: getattr(record, f.name) for f in dataclasses.fields(record)})
+        assert record == checked
+        assert type(record.kind) is CertificateKind and record.not_before.tzinfo is dt.UTC
+        assert await kit.registry.get_certificate("acme", record.serial) == record
+        assert dataclasses.replace(item.audit) == item.audit  # replace() runs the checks
+        assert dataclasses.replace(item) == item
+    await kit.audit_ok()
+
+
+async def test_a_bad_signer_result_is_still_checked(kit: Kit) -> None:
+    # What comes back from the signing backend (another process) is not trusted: a malformed
+    # result is refused (INTERNAL) and nothing is committed.
+    claim = await kit.claim_credential("acme", "claim-1", max_uses=5)
+    real_sign = kit.signer.sign
+
+    async def broken(jobs: Any) -> Any:
+        return [dataclasses.replace(r, spki_sha256=b"short") for r in await real_sign(jobs)]
+
+    kit.service._signer = type("Broken", (), {"sign": staticmethod(broken)})()  # type: ignore[attr-defined]
+    [outcome] = await kit.service.handle_many([_request(claim, "sensor-1")])
+    assert _summary(outcome) == ("error", ErrorCode.INTERNAL)
+    assert await kit.registry.certificates_for_device("acme", "sensor-1") == []
+    await kit.audit_ok()

@@ -205,3 +205,64 @@ async def test_tampering_in_the_database_is_detected(registry, raw_sql, h, tampe
     export_jsonl([e async for e in registry.audit_entries()], buf)
     exported = [AuditEntry.from_json(json.loads(line)) for line in buf.getvalue().splitlines()]
     assert verify_chain(exported, expected_head=await registry.audit_head()).problem == problem
+
+
+# ---------------------------------------------------------------- the sealing fast path
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_FLAT_VALUES = (st.text() | st.integers(min_value=-(2**80), max_value=2**80) | st.booleans() | st.none()
+                | st.binary(max_size=40)
+                | st.datetimes(min_value=dt.datetime(1971, 1, 1), max_value=dt.datetime(2200, 1, 1),
+                               timezones=st.sampled_from([dt.UTC, dt.timezone(dt.timedelta(hours=-7, minutes=-30))])))
+
+
+@settings(max_examples=300, deadline=None)
+@given(details=st.dictionaries(st.text(), _FLAT_VALUES, max_size=8), actor=st.text(), subject=st.text(),
+       tenant=st.none() | st.text(min_size=1),
+       time=st.datetimes(min_value=dt.datetime(1971, 1, 1), max_value=dt.datetime(2200, 1, 1), timezones=st.just(dt.UTC)))
+def test_sealing_simple_details_matches_the_definition(details, actor, subject, tenant, time) -> None:  # type: ignore[no-untyped-def]
+    # The registries store the text seal_with_text returns and the entry's hash: both must be what
+    # the chain's definition (canonical JSON, entry_hash) says, whichever way they were put together.
+    ev = audit.AuditEvent(kind="issue", actor=actor, subject=subject, time=time, tenant=tenant, details=details)
+    entry, text = audit.seal_with_text(ev, seq=7, prev_hash=bytes(range(32)))
+    assert text == audit.canonical_json(details)
+    assert entry.details == json.loads(text)
+    assert entry.time == dt.datetime.fromtimestamp(int(time.timestamp()), dt.UTC) and entry.time.microsecond == 0
+    assert entry.time.tzinfo is dt.UTC
+    assert entry.hash == audit.entry_hash(entry)
+    recomputed = hashlib.sha256(bytes(range(32)) + json.dumps(
+        {"seq": 7, "time": int(time.timestamp()), "tenant": tenant, "kind": "issue", "actor": actor,
+         "subject": subject, "details": json.loads(text)},
+        sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).digest()
+    assert entry.hash == recomputed
+
+
+@pytest.mark.parametrize("details", [
+    {1: "a", 10: "b", 2: "c"},             # non-string keys
+    {"f": 1.5, "s": "x"},                  # a float
+    {"nested": {"b": b"\x01", "a": [1, dt.datetime(2026, 1, 1, tzinfo=dt.UTC)]}},
+    {"t": (1, 2), "set": frozenset({3, 1})},
+])
+def test_sealing_other_details_takes_the_encoder_and_matches_the_definition(details) -> None:  # type: ignore[no-untyped-def]
+    ev = audit.AuditEvent(kind="issue", actor="a", subject="s", time=NOW, tenant="acme", details=details)
+    entry, text = audit.seal_with_text(ev, seq=3, prev_hash=GENESIS_HASH)
+    assert entry.details == json.loads(audit.canonical_json(details))
+    assert text == audit.canonical_json(entry.details)
+    assert entry.hash == audit.entry_hash(entry)
+
+
+def test_sealing_refuses_what_the_encoder_refuses() -> None:
+    naive = audit.AuditEvent(kind="issue", actor="a", subject="s", time=NOW, details={"when": dt.datetime(2026, 1, 1)})
+    with pytest.raises(ValueError, match="aware"):
+        audit.seal_with_text(naive, seq=1, prev_hash=GENESIS_HASH)
+    odd = audit.AuditEvent(kind="issue", actor="a", subject="s", time=NOW, details={"x": object()})
+    with pytest.raises(TypeError, match="not JSON-serialisable"):
+        audit.seal_with_text(odd, seq=1, prev_hash=GENESIS_HASH)
+
+
+def test_sealing_an_event_with_microseconds_stores_whole_seconds() -> None:
+    ev = audit.AuditEvent(kind="issue", actor="a", subject="s", time=NOW.replace(microsecond=999_999), details={})
+    entry, _ = audit.seal_with_text(ev, seq=1, prev_hash=GENESIS_HASH)
+    assert entry.time == NOW and entry.hash == audit.entry_hash(entry)
