@@ -37,7 +37,7 @@ import inspect
 import logging
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -333,6 +333,7 @@ class _Connection:
     reader: ReaderAdapter | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     suppress_will: bool = False
+    key: Hashable | None = None  # its kick_key, if indexed
 
 
 class _TaskSet:
@@ -489,6 +490,10 @@ class HardenedBroker(Broker):
 
     ``ingress_per_round``: packets that connections marked bulk (:meth:`mark_bulk`) may take
     from their backlog per event-loop iteration, all of them together.
+
+    ``kick_key(identity) -> hashable | None`` (settable like the hooks, before the first
+    connection): live connections are also indexed under their identity's key, so
+    :meth:`kick` with ``keys=`` looks at those connections only instead of every one.
     """
 
     def __init__(
@@ -499,6 +504,7 @@ class HardenedBroker(Broker):
         identity_hook: IdentityHook = default_identity,
         client_id_hook: ClientIdHook = cn_is_client_id,
         acl_hook: AclHook = allow_all,
+        kick_key: Callable[[Any], Hashable | None] | None = None,
         keepalive_factor: float = 1.5,
         connect_timeout: float = 10.0,
         kick_grace: float = 0.5,
@@ -524,6 +530,7 @@ class HardenedBroker(Broker):
         self.identity_hook = identity_hook
         self.client_id_hook = client_id_hook
         self.acl_hook = acl_hook
+        self.kick_key = kick_key
         self._ssl_context = ssl_context
         self._keepalive_factor = keepalive_factor
         self._connect_timeout = connect_timeout
@@ -534,6 +541,8 @@ class HardenedBroker(Broker):
         self._client_filters: dict[str, dict[str, int]] = {}
         self._identities: dict[str, Any] = {}
         self._live: dict[str, _Connection] = {}
+        # kick_key's index of _live: key -> the live connections whose identity has that key
+        self._live_by_key: dict[Hashable, dict[str, _Connection]] = {}
         self._register_lock = asyncio.Lock()
         self._stopping = False
         self._fanning = 0  # broadcasts being fanned out now (one may be suspended in an await)
@@ -560,8 +569,15 @@ class HardenedBroker(Broker):
         """Every live connection."""
         return [conn.info for conn in self._live.values()]
 
-    async def kick(self, target: str | Callable[[ConnectionInfo], bool], reason: str) -> list[str]:
+    async def kick(self, target: str | Callable[[ConnectionInfo], bool], reason: str, *,
+                   keys: Iterable[Hashable] | None = None) -> list[str]:
         """Close every live connection matching ``target`` (a client id or a predicate).
+
+        ``keys``: only connections whose identity has one of these :attr:`kick_key` keys are
+        looked at (the predicate still decides); without a ``kick_key`` every connection is.
+        A revocation names its certificates, and asking each of 1,000 connections costs
+        ~1.2 ms of cold-cache reads on the event loop, while the delta 1,000 subscribers
+        wait for is still to be signed.
 
         Returns the closed client ids. Each connection gets ``kick_grace``
         seconds to close cleanly, then its transport is aborted, so this returns
@@ -571,7 +587,12 @@ class HardenedBroker(Broker):
         if isinstance(target, str):
             victims = [conn for cid, conn in self._live.items() if cid == target]
         else:
-            victims = [conn for conn in self._live.values() if target(conn.info)]
+            if keys is not None and self.kick_key is not None:
+                index = self._live_by_key
+                candidates: Iterable[_Connection] = [conn for key in set(keys) for conn in index.get(key, {}).values()]
+            else:
+                candidates = self._live.values()
+            victims = [conn for conn in candidates if target(conn.info)]
         for conn in victims:
             _log.warning("kicking %s: %s", conn.info.client_id, reason)
         await asyncio.gather(*(self._close(conn, suppress_will=True) for conn in victims))
@@ -757,6 +778,9 @@ class HardenedBroker(Broker):
                 reader=reader,
             )
             self._live[client_id] = conn
+            conn.key = self._key_of(identity)
+            if conn.key is not None:
+                self._live_by_key.setdefault(conn.key, {})[client_id] = conn
             if isinstance(handler, _HardenedHandler):
                 handler.inline = partial(self._deliver_inline, session, handler)
             await handler.mqtt_connack_authorize(True)
@@ -777,6 +801,20 @@ class HardenedBroker(Broker):
             conn.done.set()
             if self._live.get(client_id) is conn:
                 del self._live[client_id]
+            indexed = self._live_by_key.get(conn.key) if conn.key is not None else None
+            if indexed is not None and indexed.get(client_id) is conn:
+                del indexed[client_id]
+                if not indexed:
+                    del self._live_by_key[conn.key]
+
+    def _key_of(self, identity: Any) -> Hashable | None:
+        if self.kick_key is None:
+            return None
+        try:
+            return self.kick_key(identity)
+        except Exception:  # noqa: BLE001 - a failing key only costs the index, never the connection
+            _log.exception("kick_key failed")
+            return None
 
     async def _adopt_session(self, incoming: Session, client_id: str) -> Session:
         if incoming.clean_session:

@@ -115,6 +115,11 @@ def _request_id(payload: bytes) -> bytes | None:
         return None
 
 
+def _revocation_key(identity: Any) -> tuple[str, int] | None:
+    """What a revocation names a session's certificate by: (tenant, serial)."""
+    return (identity.tenant, identity.serial) if isinstance(identity, acl.SessionIdentity) else None
+
+
 def _extensions(certificate: x509.Certificate) -> tuple[tuple[str, ...], str | None]:
     caps: tuple[str, ...] = ()
     region = None
@@ -231,6 +236,7 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
         self.broker.identity_hook = self.identify
         self.broker.client_id_hook = self.client_id_matches
         self.broker.acl_hook = acl.allowed
+        self.broker.kick_key = _revocation_key
 
     @staticmethod
     def _passphrase(cfg: CertmqPlugin.Config) -> bytes | None:
@@ -730,10 +736,9 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
             return
 
         def revoked(conn: ConnectionInfo) -> bool:
-            ident = conn.identity
-            return isinstance(ident, acl.SessionIdentity) and (ident.tenant, ident.serial) in serials
+            return _revocation_key(conn.identity) in serials
 
-        kicked = await self.broker.kick(revoked, why)
+        kicked = await self.broker.kick(revoked, why, keys=serials)
         self.stats["kicked"] += len(kicked)
         if self.metrics is not None:
             self.metrics.observe_kicked(len(kicked))

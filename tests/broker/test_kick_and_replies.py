@@ -48,6 +48,55 @@ async def test_kick_by_serial_closes_within_a_second_and_revoked_cannot_return(m
         await client.disconnect()
 
 
+async def test_kick_with_keys_looks_only_at_connections_indexed_under_them(make_hardened: Any, pki: Any) -> None:
+    """With ``kick_key`` (the plugin's: tenant and serial), ``kick(..., keys=)`` asks the predicate about
+    the connections indexed under those keys only; a connection leaves the index when it ends."""
+    broker = await make_hardened(kick_key=lambda identity: identity.serial)
+    port = port_of(broker)
+    ctx1, serial1 = pki.client_context_with_serial("dev1")
+    ctx2, serial2 = pki.client_context_with_serial("dev2")
+    dev1, _ = await connect(port, ctx1, "dev1")
+    dev2, _ = await connect(port, ctx2, "dev2")
+    asked: list[str] = []
+
+    def everyone(info: ConnectionInfo) -> bool:
+        asked.append(info.client_id)
+        return True
+
+    assert await broker.kick(everyone, "revoked", keys={serial1, 12345}) == ["dev1"]
+    assert asked == ["dev1"]  # dev2 was never looked at, though the predicate says yes to anyone
+    assert await dev1.is_closed(1.0)
+    assert await dev2.ping()
+    assert serial1 not in broker._live_by_key and set(broker._live_by_key) == {serial2}  # noqa: SLF001
+    # the predicate still decides among the indexed ones
+    assert await broker.kick(lambda info: False, "no", keys=[serial2]) == []
+    assert await dev2.ping()
+    await dev2.disconnect()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 2
+    while broker._live_by_key and loop.time() < deadline:  # noqa: SLF001
+        await asyncio.sleep(0.01)
+    assert broker._live_by_key == {}  # noqa: SLF001
+
+
+async def test_kick_keys_without_a_kick_key_ask_every_connection(hardened: HardenedBroker, pki: Any) -> None:
+    dev1, _ = await connect(port_of(hardened), pki.client_context("dev1"), "dev1")
+    dev2, _ = await connect(port_of(hardened), pki.client_context("dev2"), "dev2")
+    assert sorted(await hardened.kick(lambda info: True, "all", keys=["anything"])) == ["dev1", "dev2"]
+    assert await dev1.is_closed(1.0) and await dev2.is_closed(1.0)
+
+
+async def test_a_failing_kick_key_leaves_the_connection_unindexed_but_kickable(make_hardened: Any, pki: Any) -> None:
+    def broken(identity: Any) -> Any:
+        raise RuntimeError("no key")
+
+    broker = await make_hardened(kick_key=broken)
+    dev1, _ = await connect(port_of(broker), pki.client_context("dev1"), "dev1")
+    assert await dev1.ping()
+    assert broker._live_by_key == {}  # noqa: SLF001
+    assert await broker.kick("dev1", "by id") == ["dev1"]
+
+
 async def test_kick_by_client_id_and_unknown(hardened: HardenedBroker, pki: Any) -> None:
     dev1, _ = await connect(port_of(hardened), pki.client_context("dev1"), "dev1")
     assert await hardened.kick("nobody", "test") == []
