@@ -45,6 +45,7 @@ __all__ = [
     "REGION_OID",
     "STATUS_POSITION_OID",
     "check_topic_segment",
+    "der_tlv",
     "decode_capabilities",
     "decode_region",
     "decode_status_position",
@@ -80,15 +81,16 @@ _FORBIDDEN_IN_SEGMENT = frozenset("/+#")
 # -- encoding ---------------------------------------------------------------------------
 
 
-def _encode_length(n: int) -> bytes:
-    if n < 0x80:
-        return bytes((n,))
-    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((0x80 | len(body),)) + body
+def der_tlv(tag: int, content: bytes) -> bytes:
+    """One DER tag-length-value: ``tag`` (one octet), the definite length of ``content``, ``content``."""
+    size = len(content)
+    if size < 0x80:  # the short form: most values, and no further work
+        return bytes((tag, size)) + content
+    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(length))) + length + content
 
 
-def _tlv(tag: int, content: bytes) -> bytes:
-    return bytes((tag,)) + _encode_length(len(content)) + content
+_tlv = der_tlv
 
 
 def _encode_integer(value: int, what: str) -> bytes:

@@ -266,18 +266,7 @@ def _ext(value: x509.ExtensionType, critical: bool) -> x509.Extension[x509.Exten
 # -- DER for the template path (see Issuer._issue_from_template) ------------------------
 
 
-def _der_len(n: int) -> bytes:
-    if n < 0x80:
-        return bytes((n,))
-    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((0x80 | len(body),)) + body
-
-
-def _tlv(tag: int, body: bytes) -> bytes:
-    size = len(body)
-    if size < 0x80:  # most parts of a certificate: no call for the length
-        return bytes((tag, size)) + body
-    return bytes((tag,)) + _der_len(size) + body
+_tlv = extensions.der_tlv
 
 
 def _oid_der(dotted: str) -> bytes:

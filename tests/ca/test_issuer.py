@@ -103,13 +103,6 @@ def make_csr(key: object, *, cn: str | None = None, san: list[x509.GeneralName] 
     return builder.sign(key, issuer_module.signature_hash(key)).public_bytes(serialization.Encoding.DER)  # type: ignore[arg-type]
 
 
-def _der_len(n: int) -> bytes:
-    if n < 0x80:
-        return bytes((n,))
-    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((0x80 | len(body),)) + body
-
-
 @pytest.fixture(scope="module")
 def ec_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[TenantCA, object, Path]:
     """P-384 root, P-256 issuing CA, chain written for openssl."""
@@ -435,9 +428,8 @@ def test_forged_csr_refused(subject_keys) -> None:  # type: ignore[no-untyped-de
     genuine = x509.load_der_x509_csr(make_csr(victim, cn="sensor-17"))
     forged_sig = attacker.sign(genuine.tbs_certrequest_bytes, ec.ECDSA(hashes.SHA256()))
     alg = bytes.fromhex("300a06082a8648ce3d040302")  # ecdsa-with-SHA256
-    bitstring = b"\x03" + _der_len(len(forged_sig) + 1) + b"\x00" + forged_sig
-    body = genuine.tbs_certrequest_bytes + alg + bitstring
-    forged = b"\x30" + _der_len(len(body)) + body
+    bitstring = extensions.der_tlv(0x03, b"\x00" + forged_sig)
+    forged = extensions.der_tlv(0x30, genuine.tbs_certrequest_bytes + alg + bitstring)
 
     csr = load_csr(forged)  # well-formed...
     assert csr.public_key() == victim.public_key()

@@ -199,3 +199,17 @@ def test_non_bytes_refused() -> None:
 def test_encoding_refuses_unrepresentable_values(call, why) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(LocalProtocolError, match=re.escape(why)):
         call()
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 255, 256, 65_535, 65_536])
+def test_der_tlv_uses_the_shortest_definite_length(size: int) -> None:
+    """X.690 8.1.3: short form below 128, else 0x80 | n followed by the n-octet length, no leading zero octet."""
+    content = bytes(size)
+    tlv = ext.der_tlv(0x04, content)
+    assert tlv[0] == 0x04 and tlv.endswith(content)
+    header = tlv[1 : len(tlv) - size]
+    if size < 128:
+        assert header == bytes([size])
+    else:
+        octets = header[1:]
+        assert header[0] == 0x80 | len(octets) and octets[0] != 0 and int.from_bytes(octets, "big") == size
