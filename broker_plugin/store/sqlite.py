@@ -188,16 +188,38 @@ class SqliteRegistry(Registry):
     async def _transaction(self, *, write: bool) -> AsyncIterator[_Tx]:
         try:
             async with self._lock:
-                await self._call(self._execute, "BEGIN IMMEDIATE" if write else "BEGIN", ())
                 try:
+                    await self._call(self._execute, "BEGIN IMMEDIATE" if write else "BEGIN", ())
                     yield _Tx(self)
                 except BaseException:
-                    await self._call(self._execute, "ROLLBACK", ())
+                    await self._end_open_transaction()
                     raise
                 await self._call(self._execute, "COMMIT", ())
         except sqlite3.Error as exc:
             # Driver errors stop here: callers see the registry's error tree only.
             raise RegistryError(f"SQLite ({self.path}): {exc}") from exc
+
+    async def _end_open_transaction(self) -> None:
+        """Roll back whatever transaction this connection has open, even for a cancelled caller.
+
+        A caller cancelled while it awaits a hop (its BEGIN, a statement) stops waiting, but the
+        database thread still runs that hop: the connection would stay inside the transaction and
+        every later BEGIN fail ("cannot start a transaction within a transaction") -- the registry
+        wedged for good. The rollback is queued behind the hop on the one database thread, so it
+        runs after it whatever happens to this await, and before anyone else's BEGIN."""
+        if self._executor is None:
+            return
+        conn = self._conn
+
+        def rollback() -> None:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+
+        done = asyncio.get_running_loop().run_in_executor(self._executor, rollback)
+        try:
+            await asyncio.shield(done)
+        except (asyncio.CancelledError, sqlite3.Error):
+            pass  # cancelled again: the rollback still runs first (queued); the caller's own error counts
 
     async def _run(self, body: Callable[[Any], Awaitable[T]], *, write: bool) -> T:
         # The whole transaction -- BEGIN, every statement, COMMIT (or ROLLBACK) -- in ONE hop to
