@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from asyncio import sslproto
 from functools import partial
 from typing import Any
@@ -144,6 +145,11 @@ def _write_direct(transport: asyncio.WriteTransport, direct: tuple[Any, ...], da
     tls, sslobj, outgoing, sock_transport = direct
     try:
         count = sslobj.write(data)
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        # The TLS layer cannot take data now (a renegotiation, say): sslproto keeps it in its
+        # backlog until it can, as for any other write in that state.
+        transport.write(data)
+        return
     except Exception as exc:  # noqa: BLE001 - what sslproto's own write does with it
         tls._fatal_error(exc, "Fatal error on SSL protocol")
         return

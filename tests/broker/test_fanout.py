@@ -318,3 +318,37 @@ async def test_copy_written_while_the_socket_is_paused_queues_in_order(pki: Pki,
     await hardened._broadcast_message(None, TOPIC, b"copy-3")  # noqa: SLF001
     got = [await _read_raw(sub) for _ in range(4)]
     assert [p.payload if p else None for p in got] == [b"copy-0", b"copy-1", b"copy-2", b"copy-3"]
+
+
+class _WantRead:
+    """An SSL object that cannot take application data now (what a renegotiation makes it say)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def write(self, data: bytes) -> int:
+        import ssl
+
+        raise ssl.SSLWantReadError("the TLS layer wants to read first")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+async def test_a_tls_layer_that_cannot_take_data_now_keeps_the_copy_for_later(pki: Pki, hardened: HardenedBroker) -> None:
+    # sslproto's own write keeps such data in its backlog; the direct write must not treat the
+    # "want read" as fatal (it would drop the connection) nor lose the copy.
+    port = hardened.listen_port()
+    sub = await _client(pki, port, "wants", qos=0)
+    transport = _tls_transport(hardened, "wants")
+    tls = transport._ssl_protocol  # noqa: SLF001
+    real = tls._sslobj  # noqa: SLF001
+    tls._sslobj = _WantRead(real)  # noqa: SLF001
+    await hardened._broadcast_message(None, TOPIC, b"held")  # noqa: SLF001
+    await _fanned_out(hardened)
+    assert not transport.is_closing()
+    assert list(tls._write_backlog) == [bytes(PublishPacket.build(TOPIC, b"held", None, False, 0, False).to_bytes())]  # noqa: SLF001
+    tls._sslobj = real  # noqa: SLF001
+    tls._do_write()  # noqa: SLF001 - what sslproto runs once the TLS layer has read what it wanted
+    packet = await _read_raw(sub)
+    assert packet is not None and (packet.topic, packet.payload) == (TOPIC, b"held")
