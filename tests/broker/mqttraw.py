@@ -143,6 +143,17 @@ class RawClient:
                 found.append(packet)
         return found
 
+    async def numbered(self, count: int) -> list[int]:
+        """The first 4 bytes (big-endian) of the next ``count`` PUBLISH payloads, in arrival order:
+        how tests number the messages they send to check order and completeness."""
+        seen: list[int] = []
+        while len(seen) < count:
+            packet = await self.read_packet(timeout=5)
+            assert packet is not None, f"connection ended after {len(seen)} of {count}"
+            if packet.kind == PUBLISH:
+                seen.append(int.from_bytes(packet.payload[:4], "big"))
+        return seen
+
     async def close(self) -> None:
         """Drop the connection without DISCONNECT."""
         self.writer.close()

@@ -205,13 +205,7 @@ async def test_subscriber_not_reading_gets_backpressure_and_every_copy_in_order(
     assert biggest > high, "the test must fill the broker's buffer to exercise the fallback"
     # amqtt's path writes one copy, then awaits the drain: the buffer stays near the mark
     assert biggest <= high + 3 * (chunk + 64)
-    seen: list[int] = []
-    while len(seen) < count:
-        packet = await slow.read_packet(timeout=5)
-        assert packet is not None, f"connection ended after {len(seen)} of {count}"
-        if packet.kind == PUBLISH:
-            seen.append(int.from_bytes(packet.payload[:4], "big"))
-    assert seen == list(range(count))
+    assert await slow.numbered(count) == list(range(count))
     assert handler.slow_sends == 0
 
 

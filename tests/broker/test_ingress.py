@@ -12,7 +12,7 @@ import pytest
 from broker_plugin import broker as broker_module
 from broker_plugin.broker import HardenedBroker
 from conftest import Pki
-from mqttraw import PUBLISH, RawClient, _packet, _str, close_tracked, connect_tracked
+from mqttraw import RawClient, _packet, _str, close_tracked, connect_tracked
 
 TOPIC = "fleet/telemetry"
 PUBACK = 4
@@ -37,16 +37,6 @@ def _publishes(count: int, qos_of: Any = lambda n: 0) -> bytes:
     return bytes(out)
 
 
-async def _received(client: RawClient, count: int) -> list[int]:
-    seen: list[int] = []
-    while len(seen) < count:
-        packet = await client.read_packet(timeout=5)
-        assert packet is not None, f"connection ended after {len(seen)} of {count}"
-        if packet.kind == PUBLISH:
-            seen.append(int.from_bytes(packet.payload[:4], "big"))
-    return seen
-
-
 async def test_a_clients_messages_arrive_in_order_and_each_qos1_one_is_acknowledged(
     pki: Pki, hardened: HardenedBroker
 ) -> None:
@@ -57,7 +47,7 @@ async def test_a_clients_messages_arrive_in_order_and_each_qos1_one_is_acknowled
     count = 300
     pub.writer.write(_publishes(count, qos_of=lambda n: n % 2))  # QoS 0 and 1 interleaved
     await pub.writer.drain()
-    assert await _received(sub, count) == list(range(count))
+    assert await sub.numbered(count) == list(range(count))
     acked: list[int] = []
     while len(acked) < count // 2:
         packet = await pub.read_packet(timeout=5)
@@ -87,14 +77,14 @@ async def test_only_a_bulk_connections_backlog_takes_ingress_turns_and_nothing_i
     plain = await _client(pki, port, "plain")
     plain.writer.write(_publishes(count))
     await plain.writer.drain()
-    assert await _received(sub, count) == list(range(count))
+    assert await sub.numbered(count) == list(range(count))
     assert turns == 0  # an unmarked connection's backlog only yields
 
     bulk = await _client(pki, port, "bulk")
     broker.mark_bulk("bulk", seconds=30)
     bulk.writer.write(_publishes(count))
     await bulk.writer.drain()
-    assert await _received(sub, count) == list(range(count))
+    assert await sub.numbered(count) == list(range(count))
     assert turns >= count // 2  # most of its packets were buffered behind others: each took a turn
 
 
