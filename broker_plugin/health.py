@@ -618,6 +618,7 @@ class _Child:
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self._proc = proc
+        self.gone = False  # its stdin closed: nothing more is sent, result() says why
         assert proc.stdout is not None and proc.stderr is not None
         # read both pipes from the start: a child blocked on a full stderr pipe would never finish
         self._out = asyncio.ensure_future(proc.stdout.read())
@@ -637,12 +638,21 @@ class _Child:
         await child.send(pickle.dumps(dict(header), protocol=_PICKLE))
         return child
 
-    async def send(self, blob: bytes) -> None:
-        """Write one pickled part; waits while the child is behind."""
-        assert self._proc.stdin is not None
-        with contextlib.suppress(ConnectionError):  # the child died: result() says why
-            self._proc.stdin.write(blob)
-            await self._proc.stdin.drain()
+    async def send(self, blob: bytes) -> bool:
+        """Write one pickled part; waits while the child is behind. ``False``: the child is gone
+        (:attr:`gone`), so the caller stops reading the fleet for it; :meth:`result` says why."""
+        stdin = self._proc.stdin
+        assert stdin is not None
+        if self.gone or stdin.is_closing():  # a write to a closed pipe only logs a warning
+            self.gone = True
+            return False
+        try:
+            stdin.write(blob)
+            await stdin.drain()
+        except ConnectionError:
+            self.gone = True
+            return False
+        return True
 
     async def result(self) -> dict[str, Any]:
         """End the stream and wait for the child's answer."""
@@ -679,7 +689,7 @@ class FleetMonitor:
     (the broker's own view, used for ``revoked-still-connected``); ``on_report`` gets each fresh
     :class:`FleetHealth` (metrics). ``interval`` <= 0: no periodic run (``run`` still works).
     A tenant of ``isolate_from`` certificates or more is assessed in a child process (module
-    docstring), so a report never holds the event loop for more than a slice of records.
+    docstring), a page of records at a time; a smaller one is assessed on the loop (tens of ms).
     """
 
     def __init__(
@@ -843,7 +853,6 @@ class FleetMonitor:
                 out.append(report)
             return out
 
-
     async def _assess(self, tenant: str, now: dt.datetime, live: Sequence[LiveSession]) -> FleetHealth:
         """:func:`assess` ``tenant`` without holding the event loop for more than a slice at a time.
 
@@ -852,32 +861,39 @@ class FleetMonitor:
         it is read, so the broker never holds the whole fleet.
         """
         policy, cas = self._policies[tenant], self._cas.get(tenant, {})
-        header = {"tenant": tenant, "now": now, "policy": policy, "settings": self.settings,
-                  "cas": {role: c.public_bytes(serialization.Encoding.DER) for role, c in cas.items()}}
+
+        def start() -> Awaitable[_Child]:
+            return _Child.start({"tenant": tenant, "now": now, "policy": policy, "settings": self.settings,
+                                 "cas": {role: c.public_bytes(serialization.Encoding.DER) for role, c in cas.items()}})
+
         records: list[CertificateRecord] = []
         child: _Child | None = None
         try:
             async for record in self._registry.certificates(tenant, page=_SLICE):
                 records.append(record)
-                if len(records) >= max(self.isolate_from, _SLICE) or (child is not None and len(records) >= _SLICE):
-                    if child is None:
-                        child = await _Child.start(header)
-                    await child.send(_pack_certificates(records, self._keys))
+                # the first send waits for isolate_from certificates (or a slice), later ones a slice
+                if len(records) >= (_SLICE if child is not None else max(self.isolate_from, _SLICE)):
+                    child = child or await start()
+                    if not await child.send(_pack_certificates(records, self._keys)):
+                        break
                     records = []
             if child is None and len(records) < self.isolate_from:
                 sessions = await self._registry.sessions(tenant)
                 return assess(tenant=tenant, now=now, policy=policy, certificates=records, sessions=sessions,
                               live=live, ca_certificates=cas, settings=self.settings, key_cache=self._keys)
-            if child is None:  # exactly isolate_from certificates, all in the last page
-                child = await _Child.start(header)
-            if records:
+            if child is None:  # isolate_from certificates or more, fewer than a slice of them
+                child = await start()
+            if records and not child.gone:
                 await child.send(_pack_certificates(records, self._keys))
             records = []
             # a session row per device: read and sent a page at a time, like the certificates
-            async for rows in self._registry.session_pages(tenant, page=_SLICE):
-                await child.send(_pack("sessions", rows, _SESSION_FIELDS))
-            for start in range(0, len(live), _SLICE):
-                await child.send(_pack("live", live[start:start + _SLICE], _LIVE_FIELDS))
+            if not child.gone:
+                async for rows in self._registry.session_pages(tenant, page=_SLICE):
+                    if not await child.send(_pack("sessions", rows, _SESSION_FIELDS)):
+                        break
+            for begin in range(0, len(live), _SLICE):
+                if not await child.send(_pack("live", live[begin:begin + _SLICE], _LIVE_FIELDS)):
+                    break
             result = await child.result()
         except BaseException:
             if child is not None:

@@ -109,3 +109,33 @@ async def test_a_report_over_50000_certificates_keeps_the_loop_ticking(tmp_path)
 def test_isolate_from_is_checked():
     with pytest.raises(ValueError, match="isolate_from"):
         FleetMonitor(registry=None, policies={}, ca_certificates={}, node="n1", clock=lambda: NOW, isolate_from=-1)
+
+
+async def test_a_child_that_dies_stops_the_report_early_with_its_error(registry, monkeypatch):
+    """An assessment process gone at start (here: it exits 3 at once) fails the report with its exit
+    status, and the broker stops reading the fleet for it: no session page is read, and the
+    certificate pages stop soon after the pipe is found closed (a write to it only logs a warning)."""
+    import broker_plugin.health as health
+
+    ca = make_ca()
+    await insert_fleet(registry, ca, 12 * health._SLICE)  # noqa: SLF001
+    monkeypatch.setattr(health, "_CHILD_CODE", "import sys; sys.exit(3)")
+    pages: list[str] = []
+    certificates, session_pages = registry.certificates, registry.session_pages
+
+    async def counted_certificates(*args, **kwargs):
+        async for record in certificates(*args, **kwargs):
+            pages.append("certificate")
+            yield record
+
+    async def counted_sessions(*args, **kwargs):
+        async for rows in session_pages(*args, **kwargs):
+            pages.append("session")
+            yield rows
+
+    monkeypatch.setattr(registry, "certificates", counted_certificates)
+    monkeypatch.setattr(registry, "session_pages", counted_sessions)
+    with pytest.raises(RuntimeError, match=r"exit 3"):
+        await _monitor(registry, ca, isolate_from=0)._assess("acme", NOW, [])  # noqa: SLF001
+    assert "session" not in pages
+    assert pages.count("certificate") < 12 * health._SLICE  # noqa: SLF001
