@@ -309,23 +309,26 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
                 log.error("metrics exporter could not listen on %s:%d: %s", self.config.metrics_host,
                           self.config.metrics_port, exc)
                 self.startup_error = exc
-        if self.fleet is not None:
-            await self.fleet.start()
-            if self.config.health_interval > 0:
-                self._tasks.append(asyncio.create_task(self._health_reports(), name="certmq-health"))
         drains = self.config.batch_tasks or self.config.workers + 1
         self._tasks = [asyncio.create_task(self._drain(), name=f"certmq-batch-{i}") for i in range(drains)]
         self._tasks.append(asyncio.create_task(self._poll(), name="certmq-revocation-poll"))
+        if self.fleet is not None:
+            await self.fleet.start()
+            if self.config.health_interval > 0:
+                self._tasks.append(asyncio.create_task(self._health_reports(self.fleet), name="certmq-health"))
         if self.config.gc_freeze > 0:
             self._tasks.append(asyncio.create_task(self._gc_policy(), name="certmq-gc"))
 
-    async def _health_reports(self) -> None:
+    async def _health_reports(self, fleet: FleetMonitor) -> None:
         """The fleet health report every ``health_interval`` s (the first after at most 5 s), not in a storm.
 
-        A report reads every certificate of the tenant and assesses them in the broker process:
-        at ~50,000 certificates that held the event loop for 1-2 s, and during a storm every
-        unrelated device's messages waited behind it (the storm bench's ping p99 went from ~40 ms
-        to 0.3-1.2 s). So a report due while the CA takes more than ``_HEALTH_STORM_RATE``
+        A report reads every certificate and session row of the tenant, a page at a time, and
+        packs them for its assessment process on the event loop (a small tenant is assessed on
+        the loop itself). Before the assessment moved out of the broker process, a report at
+        ~50,000 certificates held the loop for 1-2 s during a storm, and every unrelated device's
+        messages waited behind it (the storm bench's ping p99 went from ~40 ms to 0.3-1.2 s);
+        the reading and packing still compete with a storm. So a report due while the CA takes
+        more than ``_HEALTH_STORM_RATE``
         requests per second (10 s average: a storm, not a fleet's renewals) waits until the
         storm has been over for ``_HEALTH_QUIET`` s (its stragglers are still arriving before
         that), at most ``_HEALTH_DEFER_MAX`` s. The report's own cost is unchanged: this only
@@ -344,13 +347,12 @@ class CertmqPlugin(BasePlugin[BrokerContext]):
                     quiet += 1.0
                 await asyncio.sleep(1.0)
                 deferred += 1.0
-            if self.fleet is not None:
-                try:
-                    await self.fleet.run()
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("fleet health report failed")
+            try:
+                await fleet.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("fleet health report failed")
             await asyncio.sleep(interval)
 
     async def _gc_policy(self) -> None:

@@ -133,3 +133,13 @@ async def test_health_report_waits_while_the_ca_serves_a_storm(make_broker, ca: 
             break
         await asyncio.sleep(0.1)
     assert len(runs) >= 2  # the held report (a quiet second after the storm), then the periodic ones again
+
+
+async def test_the_health_report_task_stops_with_the_plugins_other_tasks(make_broker) -> None:
+    """The periodic report is one of the plugin's tasks, cancelled when the plugin stops (it used
+    to be dropped from the list at start and ran on after the registry was closed)."""
+    broker = await make_broker(health_interval=0.2)
+    plugin = CertmqPlugin.of(broker)
+    [health] = [t for t in plugin._tasks if t.get_name() == "certmq-health"]  # noqa: SLF001
+    await plugin._stop_tasks()  # noqa: SLF001 - what close() does first
+    assert health.cancelled()
