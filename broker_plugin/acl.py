@@ -117,10 +117,6 @@ def grants(identity: SessionIdentity) -> tuple[tuple[str, ...], tuple[str, ...]]
     return (), ()
 
 
-def _matches(pattern: str, topic: str) -> bool:
-    return _matches_levels(pattern.split("/"), topic.split("/"))
-
-
 def _matches_levels(p_levels: tuple[str, ...] | list[str], t_levels: list[str]) -> bool:
     for index, level in enumerate(p_levels):
         if level == "#":

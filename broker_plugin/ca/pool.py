@@ -346,8 +346,7 @@ class ProcessPoolSigner:
                     else:
                         worker.conn.send_bytes(data)
                 except (EOFError, OSError) as exc:  # a dead worker: whatever it held is lost too
-                    self._drop(worker, exc)
-                    raise
+                    self._drop(worker, exc)  # this chunk's future included: awaiting it raises exc
             results = await done
         except (EOFError, OSError) as exc:
             with contextlib.suppress(subprocess.TimeoutExpired):
