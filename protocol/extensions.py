@@ -90,8 +90,6 @@ def der_tlv(tag: int, content: bytes) -> bytes:
     return bytes((tag, 0x80 | len(length))) + length + content
 
 
-_tlv = der_tlv
-
 
 def _encode_integer(value: int, what: str) -> bytes:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -99,7 +97,7 @@ def _encode_integer(value: int, what: str) -> bytes:
     if not 0 <= value <= MAX_INTEGER:
         raise LocalProtocolError(f"{what} must be in 0..2**64-1, got {value}")
     # One extra bit for the sign: a value with its top bit set gets a leading 0x00.
-    return _tlv(_TAG_INTEGER, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+    return der_tlv(_TAG_INTEGER, value.to_bytes(value.bit_length() // 8 + 1, "big"))
 
 
 def check_topic_segment(value: str, what: str = "segment") -> str:
@@ -141,7 +139,7 @@ def _segment_problem(value: str) -> str | None:
 def encode_status_position(list_id: int, index: int) -> bytes:
     """DER for ``SEQUENCE { listId INTEGER, index INTEGER }``."""
     body = _encode_integer(list_id, "list id") + _encode_integer(index, "index")
-    return _tlv(_TAG_SEQUENCE, body)
+    return der_tlv(_TAG_SEQUENCE, body)
 
 
 def encode_capabilities(capabilities: tuple[str, ...]) -> bytes:
@@ -153,15 +151,15 @@ def encode_capabilities(capabilities: tuple[str, ...]) -> bytes:
     if len(set(capabilities)) != len(capabilities):
         raise LocalProtocolError(f"duplicate capability in {capabilities!r}")
     body = b"".join(
-        _tlv(_TAG_UTF8STRING, check_topic_segment(c, "capability").encode("utf-8"))
+        der_tlv(_TAG_UTF8STRING, check_topic_segment(c, "capability").encode("utf-8"))
         for c in capabilities
     )
-    return _tlv(_TAG_SEQUENCE, body)
+    return der_tlv(_TAG_SEQUENCE, body)
 
 
 def encode_region(region: str) -> bytes:
     """DER for ``UTF8String``."""
-    return _tlv(_TAG_UTF8STRING, check_topic_segment(region, "region").encode("utf-8"))
+    return der_tlv(_TAG_UTF8STRING, check_topic_segment(region, "region").encode("utf-8"))
 
 
 # -- decoding ---------------------------------------------------------------------------

@@ -623,7 +623,7 @@ class Issuer:
         parts = [
             self._basic_der,
             der_of(key_usage),
-            _SKI_EXT_HEAD + ski.digest if len(ski.digest) == 20 else _ext_der(_ext(ski, False)),
+            _SKI_EXT_HEAD + ski.digest,  # RFC 5280 method 1: always a 20-byte SHA-1 (_spki_and_ski)
             self._aki_der,
             _tlv(0x30, _SAN_OID + _tlv(0x04, _tlv(0x30, _tlv(0x86, urn.encode("ascii"))))),
         ]

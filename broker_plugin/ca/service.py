@@ -1128,7 +1128,7 @@ def _record(pending: _Pending, result: SignResult) -> CertificateRecord:
     )
     if (type(result.der) is not bytes or not result.der or type(result.spki_sha256) is not bytes
             or len(result.spki_sha256) != 32 or not_after < not_before or type(pending.kind) is not CertificateKind):
-        return CertificateRecord(**fields)  # raises: the signer's result is not what it should be
+        return CertificateRecord(**fields)  # the checks: a bad signer result raises, an odd one is normalised
     # Every other field is the service's own, made valid where it was made (serial from
     # random_serial, ids validated with the request, times aware UTC from the clock or the
     # signed epochs): the record needs none of the constructor's checks again.
