@@ -7,9 +7,8 @@ Run: ``.venv/bin/python bench/health_report.py [--counts 10000,50000,100000] [--
   ``commit_issuances`` (one really signed certificate's DER, a distinct key hash each, so every
   key is parsed once, as in a real fleet), issued over the last 35 days with 30-day lifetimes
   (some expired, some overdue, many findings), plus a session row for every ``--sessions-every``-th
-  device (1, the default: a fleet whose devices all connect). ``Registry.sessions`` has no pages:
-  it builds every row on the loop in one piece, which is now most of what a report holds the
-  loop for (~0.25 s at 50,000 rows, ~0.5 s at 100,000; ``--sessions-every 5`` shows the rest).
+  device (1, the default: a fleet whose devices all connect). The child mode reads them with
+  ``Registry.session_pages``, a page at a time (``--sessions-every 5`` shows what they cost).
 * While a report runs, the loop carries two probes: a ticker (``sleep(0.01)`` in a loop; the
   lag is how late it wakes) and an echo round trip over a loopback TCP connection every 5 ms
   (a loop doing syscalls, as a broker does: the case where a computing thread hurt most, the
@@ -47,12 +46,11 @@ from broker_plugin.health import MAX_PUBLISHED_PER_CHECK, FleetHealth, FleetMoni
 from broker_plugin.store.base import SessionUpdate, open_registry  # noqa: E402
 from health.kit import DAY, NOW, insert_fleet, make_ca, policy  # noqa: E402
 
+from _broker_kit import percentile, rss_kib  # noqa: E402  (bench/ is this script's own folder)
+
 
 def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return rss_kib(os.getpid()) / 1024
 
 
 async def populate(registry: Any, ca: Any, count: int, sessions_every: int = 1) -> None:
@@ -138,11 +136,6 @@ class Probes:
             server.close()
 
 
-def _p99(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] if ordered else 0.0
-
-
 async def _main(args: argparse.Namespace) -> int:
     failures = 0
     ca = make_ca()
@@ -171,7 +164,7 @@ async def _main(args: argparse.Namespace) -> int:
                         reports[mode] = report
                         lag = max(probes.lags, default=0.0)
                         print(f"{count:>7,} {mode:<6} run {run}: report {took:5.2f} s, loop lag max {lag * 1000:6.1f} ms "
-                              f"p99 {_p99(probes.lags) * 1000:6.1f} ms, echo rtt max {max(probes.rtts) * 1000:6.1f} ms "
+                              f"p99 {percentile(probes.lags, 99) * 1000:6.1f} ms, echo rtt max {max(probes.rtts) * 1000:6.1f} ms "
                               f"({len(probes.rtts)} round trips), full gc max {max(probes.gc_pauses, default=0) * 1000:5.1f} ms, rss +{_rss_mib() - rss:5.1f} MiB, "
                               f"{len(report.findings):,} findings", flush=True)
                         if mode == "child" and lag >= 0.1:
@@ -181,7 +174,7 @@ async def _main(args: argparse.Namespace) -> int:
                     failures += 1
             finally:
                 await registry.close()
-    print(f"uptime: {os.popen('uptime').read().strip()}")
+    print("load average (1, 5, 15 min): {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     return 1 if failures else 0
 
 
