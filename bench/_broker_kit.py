@@ -306,6 +306,18 @@ class _RevocationStages:
                        "max": round(max(r[name] for r in rounds if name in r), 2)} for name in names}
 
 
+def print_probe(probe: dict[str, Any] | None) -> None:
+    """Print the broker child's ``CERTMQ_BENCH_PROBE`` report (``stats["probe"]``), if there is one."""
+    if probe is None:
+        return
+    print("broker probe (CERTMQ_BENCH_PROBE):")
+    for key, value in probe.items():
+        if isinstance(value, list):
+            print(f"  {key}:", *(f"    {item}" for item in value), sep="\n")
+        else:
+            print(f"  {key}: {value}")
+
+
 class _Probe:
     """Diagnosis (``CERTMQ_BENCH_PROBE=1``): where an unrelated message waits in the broker child.
 
@@ -318,7 +330,6 @@ class _Probe:
     """
 
     def __init__(self) -> None:
-        import threading
 
         self.lags: list[tuple[float, float, int]] = []  # (t, lag, ready callbacks)
         self.stalls: dict[str, int] = {}
@@ -331,7 +342,6 @@ class _Probe:
 
     def start(self) -> None:
         """Install the ping-stage hooks, start the lag task and the watchdog."""
-        import struct as _struct
 
         from broker_plugin import broker as hb
         from broker_plugin import fanout as fo
@@ -340,7 +350,7 @@ class _Probe:
 
         def mark(topic: Any, data: Any, stage: str) -> None:
             if topic and str(topic).endswith("/telemetry/ping") and data and len(data) >= 8:
-                (seq,) = _struct.unpack("!Q", bytes(data[:8]))
+                (seq,) = struct.unpack("!Q", bytes(data[:8]))
                 stages.setdefault(seq, {}).setdefault(stage, time.perf_counter())
 
         feed_data = asyncio.StreamReader.feed_data

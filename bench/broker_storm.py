@@ -62,6 +62,7 @@ from _broker_kit import (  # noqa: E402
     make_csrs,
     make_datadir,
     percentile,
+    print_probe,
     rss_kib,
 )
 from cryptography import x509  # noqa: E402
@@ -399,16 +400,7 @@ async def _main(args: argparse.Namespace) -> int:
         stats.pop("batch_seconds", None)
         if sizes:
             stats["batch_mean"] = round(sum(sizes) / len(sizes), 1)
-        probe = stats.pop("probe", None)
-        if probe is not None:
-            print("broker probe (CERTMQ_BENCH_PROBE):")
-            for key, value in probe.items():
-                if isinstance(value, list):
-                    print(f"  {key}:")
-                    for item in value:
-                        print(f"    {item}")
-                else:
-                    print(f"  {key}: {value}")
+        print_probe(stats.pop("probe", None))
         errors = broker.errors()
         result.failures += [f"broker log: {e}" for e in errors[:5]]
         _check_registry(datadir, devices, result)

@@ -42,7 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _broker_kit import (  # noqa: E402
-    TENANT, BrokerChild, Minter, MqttConn, _str, make_datadir, packet, percentile, rss_kib,
+    TENANT, BrokerChild, Minter, MqttConn, _str, make_datadir, packet, percentile, print_probe, rss_kib,
 )
 
 from broker_plugin.store.base import CertificateKind  # noqa: E402
@@ -292,11 +292,7 @@ async def _main(args: argparse.Namespace) -> int:
                 print(f"  {name}: p50 {value['p50']}, max {value['max']}")
             print("  fan-out per revocation, wall / loop-thread CPU / waiting for a CPU, ms:",
                   " ".join(f"{w:g}/{c:g}/{q:g}" for w, c, q in fan_outs))
-        probe = stats.get("probe")
-        if probe is not None:
-            print("broker probe (CERTMQ_BENCH_PROBE):")
-            for key, value in probe.items():
-                print(f"  {key}:", *(value if isinstance(value, list) else [value]), sep="\n    ")
+        print_probe(stats.get("probe"))
         errors = broker.errors()
         if errors:
             print("broker errors:", *errors[:10], sep="\n  ")
