@@ -93,9 +93,8 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-# Messages one connection's delivery loop (and the broadcast loop) handles per turn when they are
-# already queued: amortises amqtt's ~4 loop iterations per turn, bounded so one connection's
-# backlog holds the loop for a few ms at most.
+# Broadcasts the broadcast loop handles per turn when they are already queued: amortises amqtt's
+# ~3 loop iterations per turn, bounded so a backlog holds the loop for a few ms at most.
 _DRAIN_AT_ONCE = 32
 
 # How long the packets a client sent before a malformed one may take to finish (their delivery
@@ -891,57 +890,6 @@ class HardenedBroker(Broker):
             _log.exception("ACL hook failed")
             return False
         return allowed and await super()._topic_filtering(session, topic, action)
-
-    async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
-        """amqtt's per-connection loop, but every message already queued is handled in one turn.
-
-        Stock amqtt handles one received message per turn, and a turn costs ~4 event-loop
-        iterations (a task per message, its completion, ``asyncio.wait``'s callback, the resume).
-        Under a storm an iteration takes tens to hundreds of ms, so a device publishing 20 msg/s
-        fell behind its own loop: its messages queued for seconds (a 50,000-device storm: ping
-        p99 9.5 s, of which 7.7 s between its handler and this loop).
-        """
-        disconnect_waiter = asyncio.ensure_future(handler.wait_disconnect())
-        subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
-        unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
-        wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
-        queue = client_session.delivered_message_queue
-        loop = asyncio.get_running_loop()
-        connected = True
-        while connected:
-            try:
-                done, _ = await asyncio.wait(
-                    [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver],
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if disconnect_waiter in done:
-                    await self._handle_disconnect(client_session, handler, disconnect_waiter)
-                    connected = False
-                if subscribe_waiter in done:
-                    await self._handle_subscription(client_session, handler, subscribe_waiter)
-                    subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
-                if unsubscribe_waiter in done:
-                    await self._handle_unsubscription(client_session, handler, unsubscribe_waiter)
-                    unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
-                if wait_deliver in done:
-                    if not await self._handle_message_delivery(client_session, handler, wait_deliver):
-                        break
-                    for _ in range(_DRAIN_AT_ONCE - 1):
-                        if not connected or disconnect_waiter.done() or queue.empty():
-                            break
-                        ready = loop.create_future()
-                        ready.set_result(queue.get_nowait())
-                        if not await self._handle_message_delivery(client_session, handler, ready):
-                            connected = False
-                    if not connected and not disconnect_waiter.done():
-                        break  # a protocol violation: the caller closes the connection
-                    wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
-            except asyncio.CancelledError:
-                break
-        waiters = [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver]
-        for waiter in waiters:
-            waiter.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
 
     async def _handle_message_delivery(
         self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
