@@ -192,11 +192,10 @@ class AdmissionQueue(Generic[T]):
             best = max(best, total)
         return best / _CAPACITY_SPAN
 
-    def taken_rate(self, seconds: float = _DRAIN_WINDOW) -> float:
-        """Requests taken per second over the last ``seconds`` (at most the 10 s kept)."""
-        now = self._clock()
-        seconds = min(max(seconds, 1e-9), _DRAIN_WINDOW)
-        return sum(n for at, n in self._taken if at >= now - seconds) / seconds
+    def taken_rate(self) -> float:
+        """Requests taken per second over the last ``_DRAIN_WINDOW`` (10) seconds."""
+        since = self._clock() - _DRAIN_WINDOW
+        return sum(n for at, n in self._taken if at >= since) / _DRAIN_WINDOW
 
     def _record_take(self, now: float, n: int) -> None:
         if self._first_take is None:
