@@ -156,8 +156,8 @@ class Subscriber(asyncio.Protocol):
             if not transport.is_closing():
                 transport.write(acks)
 
-    def close(self) -> None:
-        """DISCONNECT and close."""
+    async def close(self) -> None:
+        """DISCONNECT and close (async like ``MqttConn.close``, so both close alike)."""
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(b"\xe0\x00")
             self._transport.close()
@@ -261,9 +261,7 @@ async def _main(args: argparse.Namespace) -> int:
             await op.close()
         finally:
             for m in conns:
-                closed = m.close()
-                if closed is not None:
-                    await closed
+                await m.close()
             stats = broker.stop()
         p50, p99, worst = percentile(lat, 50), percentile(lat, 99), max(lat) if lat else float("nan")
         print(f"# feeds_latency {dt.datetime.now(dt.UTC):%Y-%m-%d} subscribers={len(conns)} rounds={args.rounds} "
